@@ -1,0 +1,154 @@
+//! The `berth` command line. Global options first (`--data-dir`, `--config`), then one
+//! subcommand; each lives in its own file under `cli/`.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+mod container;
+mod image;
+mod run;
+
+use crate::config::EXIT_USAGE;
+
+#[derive(Debug, Parser)]
+#[command(name = "berth", version, about = "Berth: a single-node PaaS with its own container engine")]
+pub struct Cli {
+    /// Where Berth keeps images, containers and state.
+    #[arg(long, env = "BERTH_DATA_DIR", default_value = "/var/lib/berth", global = true)]
+    pub data_dir: PathBuf,
+    /// The TOML configuration file (default: <data-dir>/config.toml, optional).
+    #[arg(long, env = "BERTH_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Manage images: pull, list, remove, load, push.
+    #[command(subcommand)]
+    Image(image::Command),
+    /// Run a container from an image (pulled if missing).
+    Run(Box<run::Args>),
+    /// Manage containers: ls, inspect, logs, stop, rm.
+    #[command(subcommand)]
+    Container(container::Command),
+    /// Internal: the per-container shim process (started by Berth itself).
+    #[command(hide = true)]
+    Shim {
+        /// Release what a container whose shim died still holds, then exit.
+        #[arg(long)]
+        cleanup: bool,
+        id: String,
+    },
+}
+
+/// Parses the command line and runs it; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
+            let _ = e.print();
+            return code;
+        }
+    };
+    if let Command::Shim { cleanup, id } = &cli.command {
+        // The shim must stay single-threaded: no tokio, no logging threads. Its stderr is
+        // shim.log; the container's init inherits the subscriber until it execs, when its
+        // stderr is already the container's, so libcontainer's warnings about syscalls this
+        // libseccomp doesn't know (skipped, harmless) must not print there.
+        init_tracing("warn,libcontainer::seccomp=error");
+        return if *cleanup {
+            berth_agent::shim::cleanup_main(&cli.data_dir, id)
+        } else {
+            berth_agent::shim::main(&cli.data_dir, id)
+        };
+    }
+    init_tracing("warn");
+    let cfg = match crate::config::load(&cli.data_dir, cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("berth: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let engine = match open_engine(&cli, cfg) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("berth: {e}");
+            return 1;
+        }
+    };
+    let result = match cli.command {
+        Command::Image(cmd) => image::run(&engine, cmd),
+        Command::Run(args) => run::run(&engine, *args),
+        Command::Container(cmd) => container::run(&engine, cmd),
+        Command::Shim { .. } => unreachable!("handled above"),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("berth: {e:#}");
+            1
+        }
+    }
+}
+
+fn open_engine(cli: &Cli, cfg: berth_agent::Config) -> anyhow::Result<berth_agent::Engine> {
+    let exe = std::env::current_exe().map_err(|e| anyhow::anyhow!("finding the berth binary: {e}"))?;
+    let shim = berth_agent::ShimCommand {
+        program: exe,
+        args: vec!["--data-dir".into(), cli.data_dir.clone().into_os_string(), "shim".into()],
+    };
+    Ok(berth_agent::Engine::open(&cli.data_dir, cfg, shim)?)
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG").unwrap_or_else(|_| default.into());
+    let _ =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+}
+
+/// A tokio runtime for the commands that talk to registries.
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime")
+}
+
+/// Prints pull progress to stderr: one line per layer event (not a live bar: output is often
+/// a CI log).
+pub(crate) fn progress_printer(quiet: bool) -> impl Fn(berth_agent::image::Progress) + Send + Sync {
+    use berth_agent::image::Progress;
+    move |p| {
+        if quiet {
+            return;
+        }
+        match p {
+            Progress::Resolved { reference, digest, layers, total_size, .. } => {
+                eprintln!("{reference}: resolved to {digest} ({layers} layers, {})", human_size(total_size))
+            }
+            Progress::LayerStarted { digest, size, .. } => {
+                eprintln!("{}: downloading {}", digest.short(), human_size(size))
+            }
+            Progress::LayerCached { digest, .. } => eprintln!("{}: already present", digest.short()),
+            Progress::LayerUnpacked { digest, .. } => eprintln!("{}: unpacked", digest.short()),
+            _ => {}
+        }
+    }
+}
+
+pub(crate) fn human_size(n: u64) -> String {
+    const U: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1000.0 && i < U.len() - 1 {
+        v /= 1000.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}

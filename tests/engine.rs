@@ -1,0 +1,499 @@
+//! End-to-end tests of the embedded engine (issue 2): pulling from real registries, running real
+//! containers on this kernel, and everything they must leave behind (nothing).
+
+use std::collections::HashSet;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use berth_tests::{http_get, stderr, stdout, world, Berth};
+
+fn run_out(b: &Berth, args: &[&str]) -> (i32, String, String) {
+    let o = b.run(args);
+    (o.status.code().unwrap_or(-1), stdout(&o), stderr(&o))
+}
+
+#[test]
+fn runs_images_from_all_three_registries() {
+    let w = world();
+    let b = Berth::new();
+    for reg in ["anon", "basic", "token"] {
+        let image = w.image(reg, "busybox");
+        let (code, out, err) =
+            run_out(&b, &["run", "--rm", "-q", &image, "--", "sh", "-c", "echo $GREETING from $(id -u)"]);
+        assert_eq!(code, 0, "{reg}: {err}");
+        assert_eq!(out, "hello from 0\n", "{reg}");
+    }
+}
+
+#[test]
+fn image_config_and_overrides_are_honoured() {
+    let w = world();
+    let b = Berth::new();
+    let image = w.image("anon", "busybox");
+    b.ok(&["image", "pull", "-q", &image]);
+    let cases: &[(&[&str], &str, i32)] = &[
+        (&["--", "sh", "-c", "exit 3"], "", 3),
+        (&["--env", "GREETING=hi", "--", "sh", "-c", "echo $GREETING"], "hi\n", 0),
+        (&["--env", "NEW=1", "--", "sh", "-c", "echo $GREETING$NEW"], "hello1\n", 0),
+        (&["--user", "app", "--", "sh", "-c", "echo $(id -u):$(id -g) $HOME"], "1000:1000 /home/app\n", 0),
+        (&["--user", "4242:4343", "--", "sh", "-c", "echo $(id -u):$(id -g)"], "4242:4343\n", 0),
+        (&["--workdir", "/tmp", "--", "pwd"], "/tmp\n", 0),
+        (&["--", "pwd"], "/\n", 0),
+        (&["--entrypoint", "echo", "--", "a", "b"], "a b\n", 0),
+        (&["--hostname", "box1", "--", "cat", "/etc/hostname"], "box1\n", 0),
+    ];
+    for (args, want, code) in cases {
+        // Options go before the image; split ours at "--".
+        let (opts, cmd) = match args.iter().position(|a| *a == "--") {
+            Some(i) => (&args[..i], &args[i..]),
+            None => (*args, &[][..]),
+        };
+        let mut full: Vec<&str> = vec!["run", "--rm"];
+        full.extend_from_slice(opts);
+        full.push(&image);
+        full.extend_from_slice(cmd);
+        let (got_code, out, err) = run_out(&b, &full);
+        assert_eq!((got_code, out.as_str()), (*code, *want), "berth {full:?}\nstderr: {err}");
+    }
+    // The image's own Cmd runs when none is given: httpd serves its page.
+    let id = b.ok(&["run", "-d", &image]).trim().to_string();
+    let c = b.inspect(&id);
+    let ip = c["state"]["network"]["ip"].as_str().expect("an address").to_string();
+    let mut body = String::new();
+    let ok = Berth::wait_until(Duration::from_secs(10), || match http_get(&format!("{ip}:8080"), "/") {
+        Ok((status, b)) => {
+            body = b;
+            status.contains("200")
+        }
+        Err(_) => false,
+    });
+    assert!(ok, "GET http://{ip}:8080/ from the host");
+    assert!(body.contains("hello from berth test world"), "{body}");
+    assert_eq!(c["spec"]["exposed_ports"][0], "8080/tcp");
+    b.ok(&["container", "rm", "--force", &id]);
+}
+
+#[test]
+fn zstd_image_runs_and_load_of_an_oci_layout_runs() {
+    let w = world();
+    let b = Berth::new();
+    let (code, out, err) =
+        run_out(&b, &["run", "--rm", "-q", &w.image("anon", "busybox-zstd"), "--", "cat", "/www/index.html"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("hello from berth test world"));
+
+    let tar = b.data_dir().join("layout.tar");
+    let st = std::process::Command::new("python3")
+        .arg(berth_tests::repo_root().join("tests/world/world.py"))
+        .args(["oci-tar", "busybox"])
+        .arg(&tar)
+        .status()
+        .expect("world.py oci-tar");
+    assert!(st.success());
+    let out = b.ok(&["image", "load", "--input", tar.to_str().unwrap()]);
+    assert!(out.contains("loaded sha256:"), "{out}");
+    let ls: serde_json::Value = serde_json::from_str(&b.ok(&["image", "ls", "--json"])).unwrap();
+    let id = ls[0]["id"].as_str().unwrap().to_string();
+    let (code, out, err) = run_out(&b, &["run", "--rm", &id[7..19], "--", "echo", "loaded ok"]);
+    assert_eq!((code, out.as_str()), (0, "loaded ok\n"), "{err}");
+}
+
+fn blobs(b: &Berth) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(b.data_dir().join("blobs/sha256"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+fn assert_blobs_intact(b: &Berth) {
+    use sha2::Digest;
+    for p in blobs(b) {
+        let bytes = std::fs::read(&p).unwrap();
+        let got = hex::encode(sha2::Sha256::digest(&bytes));
+        assert_eq!(got, p.file_name().unwrap().to_str().unwrap(), "blob {} is corrupt", p.display());
+    }
+}
+
+#[test]
+fn interrupted_pull_leaves_no_corrupt_blob_and_resumes() {
+    let w = world();
+    let b = Berth::new();
+    let image = w.image("anon", "python");
+    let mut child =
+        b.cmd().args(["image", "pull", &image]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    // Kill it once it is downloading (the python layer is tens of MB).
+    let tmp = b.data_dir().join("blobs/tmp");
+    let started = Berth::wait_until(Duration::from_secs(30), || {
+        std::fs::read_dir(&tmp)
+            .map(|d| d.flatten().any(|e| e.metadata().map(|m| m.len() > 0).unwrap_or(false)))
+            .unwrap_or(false)
+    });
+    child.kill().unwrap();
+    let _ = child.wait();
+    assert!(started, "the pull never started writing a blob");
+    assert_blobs_intact(&b);
+    b.ok(&["image", "pull", "-q", &image]);
+    assert_blobs_intact(&b);
+    let (code, out, err) = run_out(&b, &["run", "--rm", &image, "--", "python3", "-c", "print(6*7)"]);
+    assert_eq!((code, out.as_str()), (0, "42\n"), "{err}");
+}
+
+#[test]
+fn image_rm_and_gc_keep_shared_layers() {
+    let w = world();
+    let b = Berth::new();
+    let a = w.image("anon", "busybox");
+    let c = w.image("basic", "busybox");
+    b.ok(&["image", "pull", "-q", &a]);
+    b.ok(&["image", "pull", "-q", &c]);
+    let layers = |b: &Berth| {
+        std::fs::read_dir(b.data_dir().join("layers"))
+            .unwrap()
+            .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .count()
+    };
+    let before = layers(&b);
+    assert!(before >= 2);
+    b.ok(&["image", "rm", &a]);
+    assert_eq!(layers(&b), before, "shared layers are kept while another image uses them");
+    let (code, out, _) = run_out(&b, &["run", "--rm", &c, "--", "echo", "still"]);
+    assert_eq!((code, out.as_str()), (0, "still\n"));
+    b.ok(&["image", "rm", &c]);
+    assert_eq!(layers(&b), 0, "no image uses them any more");
+    assert!(blobs(&b).is_empty(), "blobs removed too: {:?}", blobs(&b));
+    let (code, _, err) = run_out(&b, &["image", "rm", "no/such:image"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("no/such"), "{err}");
+}
+
+#[test]
+fn memory_limit_is_enforced_and_oom_reported() {
+    let w = world();
+    let b = Berth::new();
+    let image = w.image("anon", "busybox");
+    // The shell keeps 64 MB in a variable: past a 16 MB limit.
+    let (code, _, err) = run_out(
+        &b,
+        &[
+            "run",
+            "--name",
+            "oom",
+            "--memory",
+            "16m",
+            "-q",
+            &image,
+            "--",
+            "sh",
+            "-c",
+            "x=$(head -c 67108864 /dev/zero | tr '\\0' a); echo ${#x}",
+        ],
+    );
+    assert_eq!(code, 137, "{err}");
+    assert!(err.contains("out of memory"), "{err}");
+    let c = b.inspect("oom");
+    assert_eq!(c["state"]["oom_killed"], true);
+    // Under the limit the same works.
+    let (code, out, err) = run_out(
+        &b,
+        &[
+            "run",
+            "--rm",
+            "--memory",
+            "64m",
+            &image,
+            "--",
+            "sh",
+            "-c",
+            "x=$(head -c 1048576 /dev/zero | tr '\\0' a); echo ${#x}",
+        ],
+    );
+    assert_eq!((code, out.as_str()), (0, "1048576\n"), "{err}");
+}
+
+#[test]
+fn long_lines_and_binary_bytes_survive_the_log() {
+    let w = world();
+    let b = Berth::new();
+    let image = w.image("anon", "busybox");
+    let script = "head -c 20480 /dev/zero | tr '\\0' x; printf '\\n\\377\\376end\\n'; echo to-stderr >&2";
+    let o = b.run(&["run", "--name", "bytes", "-q", &image, "--", "sh", "-c", script]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let mut want = vec![b'x'; 20480];
+    want.extend_from_slice(b"\n\xff\xfeend\n");
+    assert_eq!(o.stdout, want, "berth run prints the bytes as written");
+    assert_eq!(o.stderr, b"to-stderr\n");
+    let logs = b.run(&["container", "logs", "bytes"]);
+    assert_eq!(logs.stdout, want, "the log gives them back intact");
+    assert_eq!(logs.stderr, b"to-stderr\n");
+}
+
+#[test]
+fn stop_kills_a_process_that_ignores_sigterm_after_the_grace_period() {
+    let w = world();
+    let b = Berth::new();
+    let image = w.image("anon", "busybox");
+    let id = b
+        .ok(&[
+            "run",
+            "-d",
+            "--stop-timeout",
+            "2",
+            &image,
+            "--",
+            "sh",
+            "-c",
+            "trap '' TERM; while true; do sleep 1; done",
+        ])
+        .trim()
+        .to_string();
+    let t = Instant::now();
+    b.ok(&["container", "stop", &id]);
+    let took = t.elapsed();
+    assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(8), "took {took:?}");
+    let c = b.inspect(&id);
+    assert_eq!(c["state"]["signal"], "SIGKILL");
+    assert_eq!(c["state"]["exit_code"], 137);
+    // A process that handles SIGTERM stops at once.
+    let id = b
+        .ok(&["run", "-d", &image, "--", "sh", "-c", "trap 'exit 0' TERM; while true; do sleep 0.1; done"])
+        .trim()
+        .to_string();
+    let t = Instant::now();
+    b.ok(&["container", "stop", &id]);
+    assert!(t.elapsed() < Duration::from_secs(2), "took {:?}", t.elapsed());
+    assert_eq!(b.inspect(&id)["state"]["exit_code"], 0);
+}
+
+fn host_leftovers(b: &Berth, ids: &[String]) -> Vec<String> {
+    let mut left = Vec::new();
+    let netns = std::fs::read_dir("/run/netns")
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().to_string()).collect::<Vec<_>>())
+        .unwrap_or_default();
+    let links = std::fs::read_dir("/sys/class/net")
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().to_string()).collect::<Vec<_>>())
+        .unwrap_or_default();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    for id in ids {
+        let short = &id[..12];
+        if netns.iter().any(|n| n.contains(short)) {
+            left.push(format!("netns of {short}"));
+        }
+        if links.iter().any(|n| n.contains(short)) {
+            left.push(format!("veth of {short}"));
+        }
+        if mounts.contains(id.as_str()) {
+            left.push(format!("mount of {short}"));
+        }
+        for ctrl in ["memory", "pids", "cpu", "freezer"] {
+            if std::path::Path::new(&format!("/sys/fs/cgroup/{ctrl}/berth/{id}")).exists() {
+                left.push(format!("{ctrl} cgroup of {short}"));
+            }
+        }
+    }
+    let ips = std::fs::read_dir(b.data_dir().join("network/ips")).map(|d| d.count()).unwrap_or(0);
+    if ips > 0 {
+        left.push(format!("{ips} allocated addresses"));
+    }
+    left
+}
+
+#[test]
+fn twenty_containers_at_once_then_nothing_left() {
+    let w = world();
+    let b = std::sync::Arc::new(Berth::new());
+    let image = w.image("anon", "busybox");
+    b.ok(&["image", "pull", "-q", &image]);
+    let handles: Vec<_> = (0..20)
+        .map(|i| {
+            let b = b.clone();
+            let image = image.clone();
+            std::thread::spawn(move || {
+                b.ok(&["run", "-d", "--name", &format!("many{i}"), &image, "--", "sleep", "300"]).trim().to_string()
+            })
+        })
+        .collect();
+    let ids: Vec<String> = handles.into_iter().map(|h| h.join().expect("a run failed")).collect();
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 20);
+    let ips: HashSet<String> =
+        ids.iter().map(|id| b.inspect(id)["state"]["network"]["ip"].as_str().unwrap().to_string()).collect();
+    assert_eq!(ips.len(), 20, "every container has its own address");
+    let mut args = vec!["container", "rm", "--force"];
+    args.extend(ids.iter().map(|s| s.as_str()));
+    b.ok(&args);
+    assert!(b.container_ids().is_empty());
+    let left = host_leftovers(&b, &ids);
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+#[test]
+fn containers_survive_berth_being_killed_and_are_readopted() {
+    let w = world();
+    let b = Berth::new();
+    let image = w.image("anon", "busybox");
+    b.ok(&["image", "pull", "-q", &image]);
+    // A foreground `berth run`, killed with SIGKILL while its container runs.
+    let mut fg = b
+        .cmd()
+        .args(["run", "--name", "survivor", &image, "--", "sh", "-c", "echo started; while true; do sleep 0.2; done"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        Berth::wait_until(Duration::from_secs(20), || b.run(&["container", "logs", "survivor"]).stdout == b"started\n")
+    );
+    fg.kill().unwrap();
+    let _ = fg.wait();
+    std::thread::sleep(Duration::from_millis(300));
+    let c = b.inspect("survivor");
+    assert_eq!(c["state"]["status"], "running", "{c}");
+    let pid = c["state"]["pid"].as_i64().unwrap();
+    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists(), "the container process is alive");
+    let ls = b.ok(&["container", "ls"]);
+    assert!(ls.contains("survivor"), "{ls}");
+    assert_eq!(b.run(&["container", "logs", "survivor"]).stdout, b"started\n");
+    b.ok(&["container", "stop", "--time", "1", "survivor"]);
+    assert_eq!(b.inspect("survivor")["state"]["status"], "exited");
+    let id = c["id"].as_str().unwrap().to_string();
+    b.ok(&["container", "rm", "survivor"]);
+    assert!(host_leftovers(&b, &[id]).is_empty());
+}
+
+#[test]
+fn bad_input_gets_a_clear_error() {
+    let b = Berth::new();
+    let cases: &[(&[&str], &str)] = &[
+        (&["image", "pull", "Busybox"], "must be lowercase"),
+        (&["image", "pull", "busybox:"], "busybox:"),
+        (&["image", "pull", "busybox@sha256:abc"], "digest"),
+        (&["run", "--memory", "lots", "busybox"], "--memory"),
+        (&["container", "stop", "nope"], "no such container: nope"),
+    ];
+    for (args, want) in cases {
+        let (code, _, err) = run_out(&b, args);
+        assert_ne!(code, 0, "{args:?}");
+        assert!(err.contains(want), "berth {args:?}: {err}");
+    }
+    // A bad config: one line, exit code 64.
+    b.write_config("[logs]\nmax_sise = 1\n");
+    let (code, _, err) = run_out(&b, &["container", "ls"]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("unknown field") && err.contains("config.toml"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
+/// A tar with one hostile entry: raw header bytes, since tar builders refuse such names.
+fn hostile_layer(kind: &str, outside: &std::path::Path) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut entry = |name: &str, typ: tar::EntryType, link: Option<&str>, data: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        {
+            let raw = h.as_old_mut();
+            raw.name = [0; 100];
+            raw.name[..name.len()].copy_from_slice(name.as_bytes());
+            if let Some(l) = link {
+                raw.linkname = [0; 100];
+                raw.linkname[..l.len()].copy_from_slice(l.as_bytes());
+            }
+        }
+        h.set_entry_type(typ);
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        h.set_cksum();
+        b.append(&h, data).unwrap();
+    };
+    let out = outside.to_str().unwrap();
+    match kind {
+        "dotdot" => entry("../../../../../../../../tmp/berth-pwned", tar::EntryType::Regular, None, b"x"),
+        "absolute" => entry(&format!("{out}/abs"), tar::EntryType::Regular, None, b"x"),
+        "symlink-then-file" => {
+            entry("evil", tar::EntryType::Symlink, Some(out), b"");
+            entry("evil/pwned", tar::EntryType::Regular, None, b"x");
+        }
+        "hardlink-outside" => entry("h", tar::EntryType::Link, Some("../../../../../../etc/passwd"), b""),
+        _ => unreachable!(),
+    }
+    b.into_inner().unwrap()
+}
+
+fn oci_layout_tar(layer: &[u8]) -> Vec<u8> {
+    use sha2::Digest;
+    let sha = |b: &[u8]| format!("sha256:{}", hex::encode(sha2::Sha256::digest(b)));
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "config": {"Cmd": ["true"]},
+        "rootfs": {"type": "layers", "diff_ids": [sha(layer)]}
+    })
+    .to_string()
+    .into_bytes();
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha(&config), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": sha(layer), "size": layer.len()}]
+    })
+    .to_string()
+    .into_bytes();
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": sha(&manifest), "size": manifest.len(),
+                        "annotations": {"org.opencontainers.image.ref.name": "hostile"}}]
+    })
+    .to_string()
+    .into_bytes();
+    let mut t = tar::Builder::new(Vec::new());
+    let mut add = |path: &str, data: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::Regular);
+        t.append_data(&mut h, path, data).unwrap();
+    };
+    add("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#);
+    add("index.json", &index);
+    for blob in [&config, &manifest, &layer.to_vec()] {
+        add(&format!("blobs/sha256/{}", &sha(blob)[7..]), blob);
+    }
+    t.into_inner().unwrap()
+}
+
+#[test]
+fn hostile_layers_are_refused_and_write_nothing_outside() {
+    let b = Berth::new();
+    let outside = tempfile::tempdir().unwrap();
+    for kind in ["dotdot", "absolute", "symlink-then-file", "hardlink-outside"] {
+        let tar = b.data_dir().join(format!("{kind}.tar"));
+        std::fs::write(&tar, oci_layout_tar(&hostile_layer(kind, outside.path()))).unwrap();
+        let (code, _, err) = run_out(&b, &["image", "load", "--input", tar.to_str().unwrap()]);
+        assert_ne!(code, 0, "{kind}: the load must fail");
+        let named = match kind {
+            "dotdot" => "berth-pwned",
+            "absolute" => "abs",
+            "symlink-then-file" => "evil/pwned",
+            _ => "h",
+        };
+        assert!(err.contains(named), "{kind}: the error names the entry: {err}");
+        assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0, "{kind}: wrote outside");
+        assert!(!std::path::Path::new("/tmp/berth-pwned").exists(), "{kind}");
+        let ls: serde_json::Value = serde_json::from_str(&b.ok(&["image", "ls", "--json"])).unwrap();
+        assert_eq!(ls.as_array().unwrap().len(), 0, "{kind}: no half-recorded image");
+    }
+}
+
+#[test]
+fn mirrors_are_used_and_fall_back_to_the_upstream() {
+    let w = world();
+    let b = Berth::new();
+    let anon = w.registries["anon"].host.clone();
+    // An upstream nobody serves, mirrored by the anonymous registry: the mirror answers.
+    // And the anonymous registry with a dead mirror in front: the upstream answers.
+    b.write_config(&format!(
+        "[registries.\"127.0.0.1:9\"]\nmirrors = [\"{anon}\"]\n\n[registries.\"{anon}\"]\nmirrors = [\"127.0.0.1:9\"]\n"
+    ));
+    let (code, out, err) =
+        run_out(&b, &["run", "--rm", "-q", "127.0.0.1:9/test/busybox:latest", "--", "echo", "via mirror"]);
+    assert_eq!((code, out.as_str()), (0, "via mirror\n"), "{err}");
+    let (code, out, err) =
+        run_out(&b, &["run", "--rm", "-q", &w.image("anon", "busybox-zstd"), "--", "echo", "via upstream"]);
+    assert_eq!((code, out.as_str()), (0, "via upstream\n"), "{err}");
+}
