@@ -15,7 +15,7 @@ host=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["registri
 ref="$host/test/python:latest"
 
 hyperfine --warmup 1 --runs "$RUNS" --export-json "$work/h.json" \
-  --prepare "rm -rf $work/peer $work/data" \
+  --prepare "rm -rf $work/peer $work/data; mkdir -p $work/peer" \
   -n skopeo+umoci "skopeo copy --quiet --src-tls-verify=false docker://$ref oci:$work/peer/layout:latest && umoci unpack --image $work/peer/layout:latest $work/peer/bundle" \
   -n berth "$BERTH --data-dir $work/data image pull -q $ref" >&2
 python3 - "$work/h.json" <<'PY'

@@ -16,7 +16,7 @@ use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use futures_util::{StreamExt, TryStreamExt};
@@ -173,7 +173,10 @@ pub struct Store {
     root: PathBuf,
     blobs: store::Store,
     files: records::Files,
-    client: Arc<registry::Client>,
+    /// Made on first use: building it loads the system's CA certificates (tens of ms), which
+    /// `berth run` of a local image or `container ls` never need.
+    client: Arc<OnceLock<registry::Client>>,
+    config: Config,
     platform: Platform,
 }
 
@@ -185,16 +188,25 @@ impl Store {
         for d in [data_dir.join("layers"), data_dir.join("images")] {
             fs::create_dir_all(&d).map_err(io_err("creating", &d))?;
         }
-        let client = registry::Client::new(config)?;
         let s = Store {
             root: data_dir.to_path_buf(),
             blobs,
             files: records::Files::new(&data_dir.join("images")),
-            client: Arc::new(client),
+            client: Arc::new(OnceLock::new()),
+            config: config.clone(),
             platform: Platform::host(),
         };
         s.cleanup_layer_tmp(STALE_TMP);
         Ok(s)
+    }
+
+    fn client(&self) -> Result<&registry::Client> {
+        if let Some(c) = self.client.get() {
+            return Ok(c);
+        }
+        let c = registry::Client::new(&self.config)?;
+        let _ = self.client.set(c);
+        Ok(self.client.get().expect("just set"))
     }
 
     /// The blob store (manifests, configs, layer blobs).
@@ -252,7 +264,7 @@ impl Store {
     /// then records the image and tags it with `reference`.
     pub async fn pull(&self, reference: &Reference, progress: &(dyn Fn(Progress) + Send + Sync)) -> Result<Image> {
         let image = reference.to_string();
-        let resolved = self.client.resolve(reference, &self.platform).await?;
+        let resolved = self.client()?.resolve(reference, &self.platform).await?;
         let _gc = self.hold_off_gc().await?;
         let m = &resolved.manifest;
         check_manifest(&image, m)?;
@@ -260,7 +272,7 @@ impl Store {
         let stored =
             self.blobs.put_bytes(&resolved.bytes).map_err(store_err(format!("storing the manifest of {image}")))?;
         debug_assert_eq!(stored, resolved.digest);
-        self.client.fetch_blob(reference, &m.config.digest, Some(m.config.size), &self.blobs, |_| {}).await?;
+        self.client()?.fetch_blob(reference, &m.config.digest, Some(m.config.size), &self.blobs, |_| {}).await?;
         let config_bytes =
             self.blobs.read(&m.config.digest).map_err(store_err(format!("reading the config of {image}")))?;
         let cfg =
@@ -333,7 +345,7 @@ impl Store {
         if !self.blobs.has(&l.digest) {
             progress(Progress::LayerStarted { digest: l.digest.clone(), size: l.size });
             let last = AtomicU64::new(0);
-            self.client
+            self.client()?
                 .fetch_blob(reference, &l.digest, Some(l.size), &self.blobs, |done| {
                     let prev = last.load(Ordering::Relaxed);
                     if done >= prev + PROGRESS_STEP || done == l.size {
@@ -706,7 +718,8 @@ impl Store {
         let rec = find(&idx, name_or_id)?.record.clone();
         let mut blobs: Vec<Digest> = distinct_layers(&rec.layers).into_iter().map(|l| l.digest.clone()).collect();
         blobs.push(rec.config_digest.clone());
-        futures_util::stream::iter(blobs.iter().map(|d| self.client.push_blob(dest, d, &self.blobs)))
+        let client = self.client()?;
+        futures_util::stream::iter(blobs.iter().map(|d| client.push_blob(dest, d, &self.blobs)))
             .buffer_unordered(PUSH_CONCURRENCY)
             .try_collect::<Vec<()>>()
             .await?;
@@ -714,7 +727,7 @@ impl Store {
             .blobs
             .read(&rec.manifest_digest)
             .map_err(store_err(format!("reading the manifest of {name_or_id}")))?;
-        self.client.push_manifest(dest, &bytes, &rec.media_type).await?;
+        self.client()?.push_manifest(dest, &bytes, &rec.media_type).await?;
         Ok(())
     }
 }
