@@ -198,8 +198,10 @@ impl Shim {
         for d in [p.rootfs(), p.upper(), p.work(), p.bundle()] {
             fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
         }
+        let t0 = Instant::now();
         mount_overlay(&self.data_dir, spec, p)?;
         taken.mounted = true;
+        tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "overlay mounted");
 
         let user = user::resolve(&spec.user, &p.rootfs()).context("resolving the image's user")?;
 
@@ -209,6 +211,7 @@ impl Shim {
         taken.ip = Some(ip);
         let att = net.attach(&self.id, ip)?;
         taken.attachment = Some(att.clone());
+        tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "network attached");
         self.state.network = Some(att.clone());
         self.save();
 
@@ -226,6 +229,7 @@ impl Shim {
 
         let oci_spec = oci::build(spec, p, &user, &att.netns_path(), cgroup_v2())?;
         oci_spec.save(p.bundle().join("config.json")).context("writing the OCI spec")?;
+        tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "spec written");
 
         let (out_r, out_w) = nix::unistd::pipe().context("creating the stdout pipe")?;
         let (err_r, err_w) = nix::unistd::pipe().context("creating the stderr pipe")?;
@@ -245,7 +249,9 @@ impl Shim {
         .with_detach(true)
         .build()
         .map_err(|e| anyhow::anyhow!("creating the container: {e}"))?;
+        tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "container created");
         c.start().map_err(|e| anyhow::anyhow!("starting the container process: {e}"))?;
+        tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "container started");
         Ok((c, out_r, err_r))
     }
 
