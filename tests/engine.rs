@@ -497,3 +497,50 @@ fn mirrors_are_used_and_fall_back_to_the_upstream() {
         run_out(&b, &["run", "--rm", "-q", &w.image("anon", "busybox-zstd"), "--", "echo", "via upstream"]);
     assert_eq!((code, out.as_str()), (0, "via upstream\n"), "{err}");
 }
+
+#[test]
+fn isolation_defaults_and_limits_apply() {
+    let w = world();
+    let b = Berth::new();
+    let image = w.image("anon", "busybox");
+    let script = "grep -E '^(CapEff|Seccomp|NoNewPrivs):' /proc/self/status; \
+                  cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us /sys/fs/cgroup/pids/pids.max; \
+                  echo pid=$$; unshare -n true 2>/dev/null; echo unshare=$?";
+    let (code, out, err) = run_out(
+        &b,
+        &[
+            "run",
+            "--rm",
+            "-q",
+            "--cpus",
+            "0.5",
+            "--pids-limit",
+            "20",
+            "--no-new-privileges",
+            &image,
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<String> = out.lines().map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ")).collect();
+    assert_eq!(
+        lines,
+        [
+            // Docker's default capability set, nothing more.
+            "CapEff: 00000000a80425fb",
+            "NoNewPrivs: 1",
+            // A seccomp filter is installed, and it refuses new namespaces.
+            "Seccomp: 2",
+            "50000",
+            "20",
+            // The container's process is pid 1 of its own pid namespace.
+            "pid=1",
+            "unshare=1",
+        ]
+    );
+    let (code, out, _) = run_out(&b, &["run", "--rm", "-q", &image, "--", "grep", "NoNewPrivs", "/proc/self/status"]);
+    assert_eq!((code, out.split_whitespace().last()), (0, Some("0")), "no_new_privileges is an option, off by default");
+}
