@@ -544,3 +544,28 @@ fn isolation_defaults_and_limits_apply() {
     let (code, out, _) = run_out(&b, &["run", "--rm", "-q", &image, "--", "grep", "NoNewPrivs", "/proc/self/status"]);
     assert_eq!((code, out.split_whitespace().last()), (0, Some("0")), "no_new_privileges is an option, off by default");
 }
+
+#[test]
+fn concurrent_berth_processes_share_a_data_dir_safely() {
+    let w = world();
+    let b = Berth::new();
+    let images = [w.image("anon", "busybox"), w.image("basic", "busybox"), w.image("anon", "busybox-zstd")];
+    // Three pulls (two of the same layers) and a gc, as separate processes, all at once.
+    let mut children: Vec<_> = images
+        .iter()
+        .map(|i| b.cmd().args(["image", "pull", "-q", i]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap())
+        .collect();
+    children.push(b.cmd().args(["image", "gc"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap());
+    for c in children {
+        let o = c.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    assert_blobs_intact(&b);
+    for i in &images {
+        let (code, out, err) = run_out(&b, &["run", "--rm", i, "--", "echo", "ok"]);
+        assert_eq!((code, out.as_str()), (0, "ok\n"), "{i}: {err}");
+    }
+    let ls: serde_json::Value = serde_json::from_str(&b.ok(&["image", "ls", "--json"])).unwrap();
+    let refs: usize = ls.as_array().unwrap().iter().map(|i| i["references"].as_array().unwrap().len()).sum();
+    assert_eq!(refs, 3, "every reference recorded: {ls}");
+}
