@@ -39,6 +39,11 @@ fn image_config_and_overrides_are_honoured() {
         (&["--user", "4242:4343", "--", "sh", "-c", "echo $(id -u):$(id -g)"], "4242:4343\n", 0),
         (&["--workdir", "/tmp", "--", "pwd"], "/tmp\n", 0),
         (&["--", "pwd"], "/\n", 0),
+        // A missing working directory is created, as Docker does.
+        (&["--workdir", "/new/dir", "--", "pwd"], "/new/dir\n", 0),
+        // Docker's exit codes: 127 command not found, 126 not executable.
+        (&["--", "/nonexistent"], "", 127),
+        (&["--", "/etc/passwd"], "", 126),
         (&["--entrypoint", "echo", "--", "a", "b"], "a b\n", 0),
         (&["--hostname", "box1", "--", "cat", "/etc/hostname"], "box1\n", 0),
     ];

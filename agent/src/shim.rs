@@ -204,6 +204,11 @@ impl Shim {
         tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "overlay mounted");
 
         let user = user::resolve(&spec.user, &p.rootfs()).context("resolving the image's user")?;
+        if !spec.working_dir.is_empty() {
+            // As Docker: a working directory missing from the image is created (owned by root).
+            make_dir_in_root(&p.rootfs(), &spec.working_dir)
+                .with_context(|| format!("creating the working directory {}", spec.working_dir))?;
+        }
 
         let net = Network::new(&spec.network, &self.data_dir.join("network"))?;
         net.ensure_bridge()?;
@@ -248,9 +253,9 @@ impl Shim {
         .with_systemd(false)
         .with_detach(true)
         .build()
-        .map_err(|e| anyhow::anyhow!("creating the container: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("{}", runtime_reason(&e.to_string())))?;
         tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "container created");
-        c.start().map_err(|e| anyhow::anyhow!("starting the container process: {e}"))?;
+        c.start().map_err(|e| anyhow::anyhow!("starting the container process: {}", runtime_reason(&e.to_string())))?;
         tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "container started");
         Ok((c, out_r, err_r))
     }
@@ -390,6 +395,41 @@ fn mount_overlay(data_dir: &Path, spec: &container::Spec, p: &Paths) -> Result<(
     }
     nix::mount::mount(Some("overlay"), &p.rootfs(), Some("overlay"), nix::mount::MsFlags::empty(), Some(opts.as_str()))
         .with_context(|| format!("mounting the overlay root filesystem at {}", p.rootfs().display()))
+}
+
+/// The useful part of libcontainer's nested error ("failed to create container: exec process
+/// failed with error error in executing process : executable 'x' not found in $PATH").
+pub fn runtime_reason(msg: &str) -> String {
+    let tail = msg.rsplit(" : ").next().unwrap_or(msg).trim();
+    tail.strip_prefix("error in executing process").map(str::trim).unwrap_or(tail).to_string()
+}
+
+/// Creates `dir` (absolute, inside the container) and its missing parents under `root`,
+/// resolving every component inside the root: a symlink in the image can't send it elsewhere.
+fn make_dir_in_root(root: &Path, dir: &str) -> Result<()> {
+    use rustix::fs::{mkdirat, openat2, Mode, OFlags, ResolveFlags};
+    let mut cur = rustix::fs::open(root, OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
+    for comp in Path::new(dir).components() {
+        let name = match comp {
+            std::path::Component::Normal(n) => n,
+            std::path::Component::RootDir | std::path::Component::CurDir => continue,
+            std::path::Component::ParentDir | std::path::Component::Prefix(_) => {
+                bail!("the working directory must not contain '..'")
+            }
+        };
+        match mkdirat(&cur, name, Mode::from_raw_mode(0o755)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
+        cur = openat2(
+            &cur,
+            name,
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+        )?;
+    }
+    Ok(())
 }
 
 /// Number of OOM kills in the container's memory cgroup.

@@ -109,8 +109,16 @@ pub fn run(engine: &Engine, a: Args) -> Result<i32> {
         Ok(x) => x,
         Err(e) => {
             eprintln!("berth: {e}");
-            // As Docker: 125 when the container could not be created or started.
-            return Ok(125);
+            // As Docker: 127 when the command was not found, 126 when it could not be
+            // executed, 125 when the container could not be created or started otherwise.
+            let msg = e.to_string();
+            return Ok(if msg.contains("not found in $PATH") || msg.contains("No such file") {
+                127
+            } else if msg.contains("does not have correct permissions") || msg.contains("ermission denied") {
+                126
+            } else {
+                125
+            });
         }
     };
     if a.detach {
