@@ -574,3 +574,122 @@ fn concurrent_berth_processes_share_a_data_dir_safely() {
     let refs: usize = ls.as_array().unwrap().iter().map(|i| i["references"].as_array().unwrap().len()).sum();
     assert_eq!(refs, 3, "every reference recorded: {ls}");
 }
+
+#[test]
+fn ctrl_c_on_a_foreground_run_reaches_the_container() {
+    let w = world();
+    let b = Berth::new();
+    let image = w.image("anon", "busybox");
+    b.ok(&["image", "pull", "-q", &image]);
+    let fg = b
+        .cmd()
+        .args([
+            "run",
+            "--rm",
+            "--name",
+            "fg",
+            &image,
+            "--",
+            "sh",
+            "-c",
+            "trap 'echo got INT; exit 7' INT; echo ready; while true; do sleep 0.1; done",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(Berth::wait_until(Duration::from_secs(20), || b.run(&["container", "logs", "fg"]).stdout == b"ready\n"));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(fg.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let out = fg.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(7), "the client exits with the container's code");
+    assert_eq!(stdout(&out), "ready\ngot INT\n");
+    assert!(b.container_ids().is_empty(), "--rm removed it");
+}
+
+#[test]
+fn relative_data_dir_and_option_errors() {
+    let w = world();
+    let b = Berth::new();
+    let image = w.image("anon", "busybox");
+    // A relative --data-dir works like the absolute one.
+    let o = b
+        .cmd()
+        .current_dir(b.data_dir().parent().unwrap())
+        .env("BERTH_DATA_DIR", b.data_dir().file_name().unwrap())
+        .args(["run", "--rm", "-q", &image, "--", "echo", "relative ok"])
+        .output()
+        .unwrap();
+    assert_eq!((o.status.code(), stdout(&o).as_str()), (Some(0), "relative ok\n"), "{}", stderr(&o));
+    // Bad options exit 125 before anything runs, saying what was wrong.
+    for (args, want) in [
+        (vec!["--stop-signal", "SIGNOPE"], "invalid stop signal"),
+        (vec!["--workdir", "relative/dir"], "must be an absolute path"),
+        (vec!["--memory", "1k"], "minimum"),
+        (vec!["--name", "bad name"], "invalid container name"),
+        (vec!["--env", "NOEQUALS"], "KEY=VALUE"),
+    ] {
+        let mut full = vec!["run", "--rm"];
+        full.extend(args.iter().copied());
+        full.push(&image);
+        full.extend(["true"]);
+        let (code, _, err) = run_out(&b, &full);
+        assert_eq!(code, 125, "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    assert!(b.container_ids().is_empty());
+}
+
+#[test]
+fn network_misconfiguration_fails_clearly_and_leaks_nothing() {
+    let w = world();
+    let b = Berth::new();
+    let image = w.image("anon", "busybox");
+    b.ok(&["image", "pull", "-q", &image]);
+    // The configured "bridge" is a veth: refused before anything is created.
+    let dummy = format!("{}d", b.bridge);
+    let peer = format!("{}p", b.bridge);
+    let made =
+        std::process::Command::new("ip").args(["link", "add", &dummy, "type", "veth", "peer", "name", &peer]).status();
+    assert!(made.unwrap().success());
+    std::fs::write(
+        b.data_dir().join("config.toml"),
+        format!("[network]\nbridge = \"{dummy}\"\nsubnet = \"{}\"\n", b.subnet),
+    )
+    .unwrap();
+    let (code, _, err) = run_out(&b, &["run", "--rm", &image, "--", "true"]);
+    let _ = std::process::Command::new("ip").args(["link", "del", &dummy]).status();
+    assert_eq!(code, 125);
+    assert!(err.contains("is not a bridge"), "{err}");
+    // The bridge exists with another subnet's address: refused, naming both.
+    b.write_config("");
+    b.ok(&["run", "--rm", &image, "--", "true"]);
+    // Same bridge, the upper half of its /24 as the subnet: its gateway .129 is not on it.
+    let moved = b.subnet.replace(".0/24", ".128/25");
+    std::fs::write(
+        b.data_dir().join("config.toml"),
+        format!("[network]\nbridge = \"{}\"\nsubnet = \"{moved}\"\n", b.bridge),
+    )
+    .unwrap();
+    let (code, _, err) = run_out(&b, &["run", "--rm", &image, "--", "true"]);
+    assert_eq!(code, 125, "{err}");
+    assert!(err.contains("does not have the address"), "{err}");
+    let ours = std::fs::read_dir(b.data_dir().join("network/ips")).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(ours, 0, "no address kept");
+}
+
+#[test]
+fn load_with_tag_names_the_image() {
+    let b = Berth::new();
+    let tar = b.data_dir().join("bb.tar");
+    let st = std::process::Command::new("python3")
+        .arg(berth_tests::repo_root().join("tests/world/world.py"))
+        .args(["oci-tar", "busybox"])
+        .arg(&tar)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = b.ok(&["image", "load", "--input", tar.to_str().unwrap(), "--tag", "local/bb:1"]);
+    assert!(out.contains("local/bb:1"), "{out}");
+    let (code, out, err) = run_out(&b, &["run", "--rm", "local/bb:1", "--", "echo", "tagged"]);
+    assert_eq!((code, out.as_str()), (0, "tagged\n"), "{err}");
+}

@@ -76,6 +76,33 @@ pub struct RunOptions {
     pub labels: BTreeMap<String, String>,
 }
 
+static FORWARD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn remember_signal(sig: libc::c_int) {
+    FORWARD.store(sig, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Makes SIGINT, SIGTERM, SIGHUP and SIGQUIT to this process be recorded instead of killing it,
+/// so a foreground `berth run` can pass them to its container (Docker's `--sig-proxy`).
+pub fn forward_signals() {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+        // SAFETY: the handler only stores into an atomic, which is async-signal-safe.
+        unsafe {
+            libc::signal(sig, remember_signal as *const () as libc::sighandler_t);
+        }
+    }
+}
+
+/// The signal received since the last call, if any.
+pub fn take_forwarded_signal() -> Option<Signal> {
+    let sig = FORWARD.swap(0, std::sync::atomic::Ordering::SeqCst);
+    if sig == 0 {
+        None
+    } else {
+        Signal::try_from(sig).ok()
+    }
+}
+
 /// A foreground attachment to a started container: says when it exited.
 pub struct Attach {
     sock: UnixStream,
@@ -93,7 +120,14 @@ impl Attach {
                 Ok(0) => return,
                 Ok(n) if buf[..n].windows(6).any(|w| w == b"exited") => return,
                 Ok(_) => tick(),
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => tick(),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    tick()
+                }
                 Err(_) => return,
             }
         }
@@ -184,6 +218,10 @@ impl Engine {
     ) -> Result<container::Spec, Error> {
         let cfg = &image.config;
         let (entrypoint, cmd) = match (&opts.entrypoint, &opts.cmd) {
+            // `--entrypoint ""` only clears the image's Entrypoint; its Cmd still applies.
+            (Some(ep), cmd) if ep.iter().all(|s| s.is_empty()) => {
+                (Vec::new(), cmd.clone().or_else(|| cfg.cmd.clone()).unwrap_or_default())
+            }
             // As Docker: a new entrypoint drops the image's Cmd.
             (Some(ep), cmd) => (ep.clone(), cmd.clone().unwrap_or_default()),
             (None, Some(cmd)) => (cfg.entrypoint.clone().unwrap_or_default(), cmd.clone()),
@@ -196,6 +234,17 @@ impl Engine {
             )));
         }
         let env = merge_env(&cfg.env, &opts.env)?;
+        let stop_signal =
+            opts.stop_signal.clone().or_else(|| cfg.stop_signal.clone()).unwrap_or_else(|| "SIGTERM".into());
+        if parse_signal(&stop_signal).is_none() {
+            return Err(Error::Invalid(format!(
+                "invalid stop signal {stop_signal:?}: use a name like SIGTERM or a number"
+            )));
+        }
+        let working_dir = opts.working_dir.clone().or_else(|| cfg.working_dir.clone()).unwrap_or_default();
+        if !working_dir.is_empty() && !working_dir.starts_with('/') {
+            return Err(Error::Invalid(format!("the working directory {working_dir:?} must be an absolute path")));
+        }
         let mut labels = cfg.labels.clone();
         labels.extend(opts.labels.clone());
         Ok(container::Spec {
@@ -206,7 +255,7 @@ impl Engine {
             layers: image.layers.clone(),
             args,
             env,
-            working_dir: opts.working_dir.clone().or_else(|| cfg.working_dir.clone()).unwrap_or_default(),
+            working_dir,
             user: opts.user.clone().or_else(|| cfg.user.clone()).unwrap_or_default(),
             hostname: opts.hostname.clone().unwrap_or_else(|| id[..12].to_string()),
             memory: opts.memory,

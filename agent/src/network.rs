@@ -17,10 +17,17 @@ use crate::config::NetworkConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("network subnet {0:?} is not an IPv4 CIDR (like 10.88.0.0/16) with a prefix of /8 to /30")]
+    #[error("subnet {0:?} is not a private IPv4 CIDR (like 10.88.0.0/16) with a prefix of /8 to /30")]
     Subnet(String),
     #[error("bridge name {0:?} is not a valid interface name (1 to 15 characters of a-z, 0-9, '-', '_', '.')")]
     Bridge(String),
+    #[error("network interface {0:?} exists and is not a bridge; set [network] bridge to another name")]
+    NotBridge(String),
+    #[error(
+        "bridge {bridge} does not have the address {want} of the configured subnet (it has: {has}); \
+             another installation may use it with another subnet: give this one its own bridge"
+    )]
+    BridgeAddress { bridge: String, want: String, has: String },
     #[error("no free address left in {0}")]
     Exhausted(String),
     #[error("{what}: {source}")]
@@ -51,7 +58,13 @@ impl Subnet {
             return Err(bad());
         }
         let mask = u32::MAX << (32 - prefix);
-        Ok(Subnet { network: Ipv4Addr::from(u32::from(addr) & mask), prefix })
+        let network = Ipv4Addr::from(u32::from(addr) & mask);
+        // Loopback, "this network", multicast and reserved ranges would hijack host traffic.
+        let o = network.octets()[0];
+        if o == 0 || o == 127 || o >= 224 {
+            return Err(bad());
+        }
+        Ok(Subnet { network, prefix })
     }
 
     pub fn gateway(&self) -> Ipv4Addr {
@@ -82,6 +95,9 @@ pub fn validate(cfg: &NetworkConfig) -> Result<Subnet, Error> {
     let b = &cfg.bridge;
     if b.is_empty()
         || b.len() > 15
+        || b == "."
+        || b == ".."
+        || b == "lo"
         || !b.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"-_.".contains(&c))
     {
         return Err(Error::Bridge(b.clone()));
@@ -132,6 +148,10 @@ impl Network {
         if Path::new("/sys/class/net").join(bridge).exists() && self.nat_ok() {
             return Ok(());
         }
+        let dev = Path::new("/sys/class/net").join(bridge);
+        if dev.exists() && !dev.join("bridge").exists() {
+            return Err(Error::NotBridge(bridge.clone()));
+        }
         let lock = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -148,6 +168,7 @@ impl Network {
                 &format!("creating bridge {bridge}"),
             )?;
         }
+        self.check_bridge_address()?;
         fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(io_err("enabling IPv4 forwarding"))?;
         let sub = self.subnet.to_string();
         let rules: [&[&str]; 3] = [
@@ -190,16 +211,40 @@ impl Network {
         Ok(())
     }
 
+    /// The bridge must carry the gateway address of our subnet, or containers are unreachable.
+    fn check_bridge_address(&self) -> Result<(), Error> {
+        let out = Command::new("ip")
+            .args(["-o", "-4", "addr", "show", "dev", &self.cfg.bridge])
+            .output()
+            .map_err(io_err("reading the bridge's addresses"))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let want = format!("{}/{}", self.subnet.gateway(), self.subnet.prefix);
+        let all: Vec<&str> =
+            text.lines().filter_map(|l| l.split_whitespace().skip_while(|w| *w != "inet").nth(1)).collect();
+        if all.contains(&want.as_str()) {
+            return Ok(());
+        }
+        Err(Error::BridgeAddress {
+            bridge: self.cfg.bridge.clone(),
+            want,
+            has: if all.is_empty() { "none".into() } else { all.join(", ") },
+        })
+    }
+
     fn nat_ok(&self) -> bool {
         fs::read_to_string("/proc/sys/net/ipv4/ip_forward").map(|s| s.trim() == "1").unwrap_or(false)
             && self.dir.join("nat-ready").exists()
-            && fs::read_to_string(self.dir.join("nat-ready")).ok().as_deref() == Some(&self.cfg.bridge)
+            && fs::read_to_string(self.dir.join("nat-ready")).ok() == Some(self.marker())
     }
 
     /// Records that NAT rules were checked once on this boot of the bridge, so later containers
     /// skip the iptables execs. Cleared when the bridge is recreated.
     fn mark_ready(&self) {
-        let _ = fs::write(self.dir.join("nat-ready"), &self.cfg.bridge);
+        let _ = fs::write(self.dir.join("nat-ready"), self.marker());
+    }
+
+    fn marker(&self) -> String {
+        format!("{} {}", self.cfg.bridge, self.subnet)
     }
 
     /// Takes a free address for container `id`. Each address is a file created with O_EXCL, so
@@ -254,14 +299,18 @@ impl Network {
         let (ns, veth, br) = (&att.netns, &att.host_veth, &att.bridge);
         // `isolated on`: bridge ports marked isolated cannot talk to each other, only to the
         // bridge itself (the host). Containers reach each other through Berth's proxy only.
-        ip_batch(
+        if let Err(e) = ip_batch(
             None,
             &format!(
                 "netns add {ns}\nlink add {veth} type veth peer name eth0 netns {ns}\n\
                  link set {veth} master {br}\nlink set dev {veth} type bridge_slave isolated on\nlink set {veth} up\n"
             ),
             &format!("creating the network namespace of container {short}"),
-        )?;
+        ) {
+            // Whatever of the batch did run (the namespace, the veth) is undone.
+            detach(&att);
+            return Err(e);
+        }
         let inside = format!(
             "addr add {ip}/{} dev eth0\nlink set eth0 up\nlink set lo up\nroute add default via {}\n",
             att.prefix, att.gateway

@@ -173,6 +173,10 @@ impl Shim {
         }
         if spec.auto_remove {
             remove_dir(&self.paths.dir);
+            let name = self.data_dir.join("names").join(&spec.name);
+            if fs::read_to_string(&name).map(|owner| owner == self.id).unwrap_or(false) {
+                let _ = fs::remove_file(name);
+            }
         }
         Ok(())
     }

@@ -54,12 +54,29 @@ pub fn main() -> i32 {
             return code;
         }
     };
+    let mut cli = cli;
+    // Paths are handed to shims and to the runtime, which run elsewhere: make them absolute.
+    match std::path::absolute(&cli.data_dir) {
+        Ok(p) => cli.data_dir = p,
+        Err(e) => {
+            eprintln!("berth: --data-dir {}: {e}", cli.data_dir.display());
+            return EXIT_USAGE;
+        }
+    }
+    if cli.data_dir.exists() && !cli.data_dir.is_dir() {
+        eprintln!("berth: --data-dir {}: not a directory", cli.data_dir.display());
+        return EXIT_USAGE;
+    }
     if let Command::Shim { cleanup, id } = &cli.command {
         // The shim must stay single-threaded: no tokio, no logging threads. Its stderr is
         // shim.log; the container's init inherits the subscriber until it execs, when its
         // stderr is already the container's, so libcontainer's warnings about syscalls this
         // libseccomp doesn't know (skipped, harmless) must not print there.
-        init_tracing("warn,libcontainer::seccomp=error");
+        init_tracing(if *cleanup {
+            "warn,libcontainer=error,libcgroups=error"
+        } else {
+            "warn,libcontainer::seccomp=error"
+        });
         return if *cleanup {
             berth_agent::shim::cleanup_main(&cli.data_dir, id)
         } else {

@@ -54,6 +54,14 @@ pub fn parse(text: &str) -> Result<Config, String> {
         if host.is_empty() || host.contains('/') {
             return Err(format!("[registries.{host:?}]: a registry key is a host name with an optional port, like \"docker.io\" or \"127.0.0.1:5000\""));
         }
+        for m in &reg.mirrors {
+            if m.is_empty() || m.contains("://") || m.contains(char::is_whitespace) {
+                return Err(format!(
+                    "[registries.\"{host}\"]: mirror {m:?} must be host[:port][/path], without a scheme \
+                     (set insecure = true on the mirror's own [registries] entry for plain HTTP)"
+                ));
+            }
+        }
         if reg.username.is_some() != reg.password.is_some() {
             return Err(format!("[registries.\"{host}\"]: username and password go together"));
         }
@@ -97,7 +105,10 @@ max_files = 2
     fn bad_configs_say_what_and_where() {
         let cases = [
             ("[network]\nbridge = \"b\"\nsubnett = \"x\"\n", "line 3: unknown field `subnett`"),
-            ("[network]\nsubnet = \"10.0.0.0\"\n", "[network] network subnet \"10.0.0.0\" is not an IPv4 CIDR"),
+            ("[network]\nsubnet = \"10.0.0.0\"\n", "[network] subnet \"10.0.0.0\" is not a private IPv4 CIDR"),
+            ("[network]\nsubnet = \"127.0.0.0/24\"\n", "[network] subnet \"127.0.0.0/24\""),
+            ("[network]\nbridge = \"lo\"\n", "[network] bridge name \"lo\""),
+            ("[registries.\"docker.io\"]\nmirrors = [\"http://m.local\"]\n", "mirror \"http://m.local\""),
             ("[network]\nbridge = \"a-very-long-bridge-name\"\n", "[network] bridge name"),
             ("[registries.\"x\"]\nusername = \"u\"\n", "username and password go together"),
             ("[logs]\nmax_size = \"big\"\n", "line 2: invalid type"),

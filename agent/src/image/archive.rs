@@ -189,11 +189,15 @@ fn read(blobs: &Store, path: &Path) -> Result<Contents> {
 }
 
 /// The names an OCI index entry gives its image: containerd's full name, else the OCI
-/// `ref.name` read as a reference (`busybox:1.36`, `registry.local/app:v1`; a bare word is a
-/// repository name on Docker Hub, as on the command line).
+/// `ref.name` read as a reference (`busybox:1.36`, `registry.local/app:v1`). A bare word is
+/// what skopeo and umoci write there: only a tag (`oci:dir:latest`), which names no
+/// repository, so the image loads unnamed (`berth image load --tag` names it).
 fn annotated_names(annotations: &BTreeMap<String, String>) -> Vec<String> {
     for key in [CONTAINERD_NAME, OCI_REF_NAME] {
         if let Some(name) = annotations.get(key).filter(|n| !n.is_empty()) {
+            if key == OCI_REF_NAME && !name.contains(['/', ':', '@']) {
+                continue;
+            }
             match name.parse::<Reference>() {
                 Ok(r) => return vec![r.to_string()],
                 Err(e) => tracing::warn!("ignoring the image name in the {key} annotation: {e}"),

@@ -231,7 +231,11 @@ async fn load_names_and_untagged() {
     let e = env();
     let a = Built::new(&[base()], &["a"]);
     let b = Built::new(&[layer_tar(&[("b", b"b")])], &["b"]);
-    let loaded = e.load(&oci_layout(&[(&a, Some("busybox")), (&b, None), (&a, Some("other:1"))]), false).await.unwrap();
+    // A bare word in ref.name is only a tag (skopeo's and umoci's `oci:dir:latest`): no name.
+    let loaded = e
+        .load(&oci_layout(&[(&a, Some("library/busybox")), (&b, Some("latest")), (&a, Some("other:1"))]), false)
+        .await
+        .unwrap();
     assert_eq!(loaded.len(), 2);
     assert_eq!(loaded[0].references, ["docker.io/library/busybox:latest", "docker.io/library/other:1"]);
     assert!(loaded[1].references.is_empty());

@@ -34,6 +34,9 @@ pub enum Command {
         /// The tarball (`-` for standard input is not supported: give a file).
         #[arg(short, long)]
         input: PathBuf,
+        /// Name the loaded image (when the tarball holds one image).
+        #[arg(short, long)]
+        tag: Option<String>,
     },
     /// Push a local image to a registry under a new reference.
     Push { image: String, destination: Option<String> },
@@ -89,9 +92,16 @@ pub fn run(engine: &Engine, cmd: Command) -> Result<i32> {
             print_gc(&report);
             return Ok(if failed { 1 } else { 0 });
         }
-        Command::Load { input } => {
-            let loaded =
+        Command::Load { input, tag } => {
+            let tag: Option<Reference> = tag.map(|t| t.parse()).transpose()?;
+            let mut loaded =
                 runtime().block_on(images.load(&input)).with_context(|| format!("loading {}", input.display()))?;
+            if let Some(t) = &tag {
+                match loaded.as_slice() {
+                    [one] => loaded = vec![images.tag(&one.id.to_string(), t)?],
+                    _ => anyhow::bail!("--tag names one image, but {} holds {}", input.display(), loaded.len()),
+                }
+            }
             for img in loaded {
                 let names = if img.references.is_empty() { "<none>".to_string() } else { img.references.join(", ") };
                 println!("loaded {} ({names})", img.id);

@@ -68,7 +68,19 @@ pub struct Args {
     pub command: Vec<String>,
 }
 
+/// Runs `berth run`. As Docker, any failure before the container's process runs (bad option,
+/// bad reference, failed pull) exits with 125.
 pub fn run(engine: &Engine, a: Args) -> Result<i32> {
+    match run_inner(engine, a) {
+        Ok(code) => Ok(code),
+        Err(e) => {
+            eprintln!("berth: {e:#}");
+            Ok(125)
+        }
+    }
+}
+
+fn run_inner(engine: &Engine, a: Args) -> Result<i32> {
     let reference: Reference = a.image.parse()?;
     let memory = match &a.memory {
         Some(m) => match parse_size(m) {
@@ -126,6 +138,9 @@ pub fn run(engine: &Engine, a: Args) -> Result<i32> {
         return Ok(0);
     }
     let mut attach = attach.expect("attached run");
+    // Ctrl-C and friends go to the container, not to this client (Docker's --sig-proxy).
+    berth_agent::engine::forward_signals();
+    let pid = c.state.pid;
     let log = engine.paths(&c.id).log();
     let mut follower = Follower::from_start(&log);
     let stdout = std::io::stdout();
@@ -137,6 +152,9 @@ pub fn run(engine: &Engine, a: Args) -> Result<i32> {
         };
     };
     attach.wait(Duration::from_millis(50), || {
+        if let (Some(sig), Some(pid)) = (berth_agent::engine::take_forwarded_signal(), pid) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+        }
         let _ = follower.poll(&mut emit);
     });
     let _ = follower.poll(&mut emit);
