@@ -693,3 +693,89 @@ fn load_with_tag_names_the_image() {
     let (code, out, err) = run_out(&b, &["run", "--rm", "local/bb:1", "--", "echo", "tagged"]);
     assert_eq!((code, out.as_str()), (0, "tagged\n"), "{err}");
 }
+
+/// A network namespace standing for "the outside world": a veth from the host, an address,
+/// and a TCP server that answers with the address it sees the client coming from.
+struct Outside {
+    ns: String,
+    host_if: String,
+    server: std::process::Child,
+    addr: String,
+}
+
+impl Outside {
+    fn new(tag: &str, net: u32) -> Outside {
+        let ns = format!("btout{tag}");
+        let host_if = format!("bto{tag}");
+        let sh = |cmd: String| {
+            let ok = std::process::Command::new("sh").arg("-c").arg(&cmd).status().unwrap().success();
+            assert!(ok, "{cmd}");
+        };
+        let _ = std::process::Command::new("ip").args(["netns", "del", &ns]).status();
+        sh(format!("ip netns add {ns} && ip link add {host_if} type veth peer name eth0 netns {ns}"));
+        sh(format!("ip addr add 10.199.{net}.1/30 dev {host_if} && ip link set {host_if} up"));
+        sh(format!("ip -n {ns} addr add 10.199.{net}.2/30 dev eth0 && ip -n {ns} link set eth0 up && ip -n {ns} link set lo up"));
+        let server = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns, "python3", "-c"])
+            .arg(
+                "import socket\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+                 s.bind(('0.0.0.0', 9000)); s.listen(5)\nwhile True:\n    c, a = s.accept(); c.sendall(a[0].encode() + b'\\n'); c.close()\n",
+            )
+            .spawn()
+            .unwrap();
+        Outside { ns, host_if, server, addr: format!("10.199.{net}.2") }
+    }
+}
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        let _ = std::process::Command::new("ip").args(["link", "del", &self.host_if]).status();
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.ns]).status();
+    }
+}
+
+#[test]
+fn containers_get_hosts_files_and_outbound_nat() {
+    let w = world();
+    let b = Berth::new();
+    let image = w.image("anon", "busybox");
+    let out = Outside::new(&format!("{}", std::process::id() % 10000), std::process::id() % 250);
+    let id = b.ok(&["run", "-d", "--hostname", "natbox", &image, "--", "sleep", "60"]).trim().to_string();
+    let ip = b.inspect(&id)["state"]["network"]["ip"].as_str().unwrap().to_string();
+    b.ok(&["container", "rm", "--force", &id]);
+    // The container reaches an address outside Berth's subnet, and is seen there as the host
+    // (masqueraded), not as its own 10.x address.
+    let script = format!(
+        "grep -c 'natbox' /etc/hosts; cat /etc/hostname; test -f /etc/resolv.conf && echo resolv; \
+         for i in 1 2 3 4 5 6 7 8 9 10; do r=$(nc -w 2 {} 9000 </dev/null) && break; sleep 0.3; done; echo from=$r",
+        out.addr
+    );
+    let (code, stdout_text, err) =
+        run_out(&b, &["run", "--rm", "-q", "--hostname", "natbox", &image, "--", "sh", "-c", &script]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = stdout_text.lines().collect();
+    assert_eq!(lines[..3], ["1", "natbox", "resolv"], "{stdout_text}");
+    let seen = lines[3].trim_start_matches("from=");
+    assert!(seen.starts_with("10.199."), "the outside saw {seen:?}, want the host's address (NAT)");
+    assert_ne!(seen, ip);
+}
+
+#[test]
+fn logs_follow_until_the_container_exits() {
+    let w = world();
+    let b = Berth::new();
+    let image = w.image("anon", "busybox");
+    let id = b
+        .ok(&["run", "-d", &image, "--", "sh", "-c", "echo one; sleep 1; echo two >&2; sleep 0.5; echo three"])
+        .trim()
+        .to_string();
+    let o = b.run(&["container", "logs", "--follow", &id]);
+    assert!(o.status.success());
+    assert_eq!(stdout(&o), "one\nthree\n");
+    assert_eq!(stderr(&o), "two\n");
+    let t = b.run(&["container", "logs", "--timestamps", &id]);
+    let first = stdout(&t).lines().next().unwrap().to_string();
+    assert!(first.ends_with("Z one") && first.starts_with("20"), "{first}");
+}
