@@ -335,8 +335,61 @@ pub fn detach(att: &Attachment) {
     let _ = nix::mount::umount2(&path, nix::mount::MntFlags::MNT_DETACH);
     let _ = fs::remove_file(&path);
     if Path::new("/sys/class/net").join(&att.host_veth).exists() {
-        let _ = Command::new("ip").args(["link", "del", &att.host_veth]).stderr(Stdio::null()).status();
+        if let Err(e) = delete_link(&att.host_veth) {
+            if e.raw_os_error() != Some(libc::ENODEV) {
+                tracing::warn!("deleting {}: {e}", att.host_veth);
+            }
+        }
     }
+}
+
+/// Deletes a network interface by name with one rtnetlink request (RTM_DELLINK with
+/// IFLA_IFNAME), waiting for the kernel's acknowledgement. An exec of `ip link del` costs
+/// ~5 ms more, on the path of every `berth run --rm`.
+pub fn delete_link(name: &str) -> io::Result<()> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    const NLMSG_HDR: usize = 16;
+    const IFINFO: usize = 16;
+    let name_bytes = name.as_bytes();
+    let attr_len = 4 + name_bytes.len() + 1;
+    let total = NLMSG_HDR + IFINFO + ((attr_len + 3) & !3);
+    let mut msg = vec![0u8; total];
+    msg[0..4].copy_from_slice(&(total as u32).to_ne_bytes());
+    msg[4..6].copy_from_slice(&libc::RTM_DELLINK.to_ne_bytes());
+    msg[6..8].copy_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_ACK) as u16).to_ne_bytes());
+    msg[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    // ifinfomsg: family AF_UNSPEC, index 0 (look up by name), the rest zero.
+    let a = NLMSG_HDR + IFINFO;
+    msg[a..a + 2].copy_from_slice(&(attr_len as u16).to_ne_bytes());
+    msg[a + 2..a + 4].copy_from_slice(&libc::IFLA_IFNAME.to_ne_bytes());
+    msg[a + 4..a + 4 + name_bytes.len()].copy_from_slice(name_bytes);
+    // SAFETY: plain socket(2); the fd is owned by the OwnedFd right away.
+    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::NETLINK_ROUTE) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned by socket(2) and is not owned elsewhere.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: msg is a valid buffer of msg.len() bytes; a null address sends to the kernel.
+    let sent = unsafe { libc::send(fd, msg.as_ptr().cast(), msg.len(), 0) };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut buf = [0u8; 1024];
+    // SAFETY: buf is a valid writable buffer of its length.
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+    drop(sock);
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // The reply is an NLMSG_ERROR whose error field (after the header) is 0 or -errno.
+    if (n as usize) >= NLMSG_HDR + 4 && u16::from_ne_bytes([buf[4], buf[5]]) == libc::NLMSG_ERROR as u16 {
+        let err = i32::from_ne_bytes([buf[16], buf[17], buf[18], buf[19]]);
+        if err != 0 {
+            return Err(io::Error::from_raw_os_error(-err));
+        }
+    }
+    Ok(())
 }
 
 fn ip_batch(netns: Option<&str>, script: &str, what: &str) -> Result<(), Error> {
@@ -427,5 +480,23 @@ mod tests {
         assert!(net.allocate("c6").is_err());
         net.release(ips[2], "c2");
         assert_eq!(net.allocate("c7").unwrap(), ips[2]);
+    }
+}
+
+#[cfg(test)]
+mod netlink_tests {
+    use super::*;
+
+    #[test]
+    fn delete_link_removes_an_interface_and_reports_a_missing_one() {
+        let name = format!("bnl{}", std::process::id() % 100_000);
+        let made = Command::new("ip")
+            .args(["link", "add", &name, "type", "veth", "peer", "name", &format!("{name}p")])
+            .status();
+        assert!(made.map(|s| s.success()).unwrap_or(false), "creating a veth (run as root)");
+        assert!(Path::new("/sys/class/net").join(&name).exists());
+        delete_link(&name).unwrap();
+        assert!(!Path::new("/sys/class/net").join(&name).exists());
+        assert_eq!(delete_link(&name).unwrap_err().raw_os_error(), Some(libc::ENODEV));
     }
 }
