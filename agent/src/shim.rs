@@ -160,12 +160,14 @@ impl Shim {
         self.save();
         let code = self.state.exit_code.unwrap_or(-1);
         self.tell(&format!("exited {code}"));
+        let t0 = Instant::now();
         if let Err(e) = container.delete(true) {
             tracing::warn!("deleting container {}: {e}", self.id);
         }
         taken.created = false;
-        self.teardown(&spec, &mut taken);
-        self.save();
+        release_local(&self.data_dir, &self.id, false, taken.mounted);
+        taken.mounted = false;
+        tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "runtime deleted, root unmounted");
         // Wait for the creator to be done with the log (it closes its end, or it died).
         if let Some(n) = self.notify.as_mut() {
             let mut b = [0u8; 64];
@@ -178,6 +180,11 @@ impl Shim {
                 let _ = fs::remove_file(name);
             }
         }
+        // The network goes last: deleting a veth waits for the kernel (10-20 ms here), and a
+        // `berth run --rm` client, which returns once the directory is gone, need not wait for
+        // it. `remove` waits for this shim to exit, so it never returns before this is done.
+        release_network(&self.data_dir, &self.id, &spec, taken.attachment.take(), taken.ip.take());
+        tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "torn down");
         Ok(())
     }
 
@@ -460,6 +467,12 @@ pub fn teardown(
     ip: Option<std::net::Ipv4Addr>,
     mounted: bool,
 ) {
+    release_local(data_dir, id, created, mounted);
+    release_network(data_dir, id, spec, attachment, ip);
+}
+
+/// The runtime's state and cgroups, and the root filesystem's mount.
+fn release_local(data_dir: &Path, id: &str, created: bool, mounted: bool) {
     let youki_dir = youki_root(data_dir).join(id);
     if created || youki_dir.exists() {
         match libcontainer::container::Container::load(youki_dir.clone()) {
@@ -474,6 +487,22 @@ pub fn teardown(
         }
     }
     remove_cgroups(id);
+    let rootfs = Paths::new(data_dir, id).rootfs();
+    if mounted || is_mountpoint(&rootfs) {
+        if let Err(e) = nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH) {
+            tracing::warn!("unmounting {}: {e}", rootfs.display());
+        }
+    }
+}
+
+/// The namespace, the veth and the address.
+fn release_network(
+    data_dir: &Path,
+    id: &str,
+    spec: &container::Spec,
+    attachment: Option<network::Attachment>,
+    ip: Option<std::net::Ipv4Addr>,
+) {
     if let Some(att) = &attachment {
         network::detach(att);
     }
@@ -481,12 +510,6 @@ pub fn teardown(
         (ip.or(attachment.as_ref().map(|a| a.ip)), Network::new(&spec.network, &data_dir.join("network")))
     {
         net.release(ip, id);
-    }
-    let rootfs = Paths::new(data_dir, id).rootfs();
-    if mounted || is_mountpoint(&rootfs) {
-        if let Err(e) = nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH) {
-            tracing::warn!("unmounting {}: {e}", rootfs.display());
-        }
     }
 }
 
