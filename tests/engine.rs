@@ -35,6 +35,8 @@ fn image_config_and_overrides_are_honoured() {
         (&["--", "sh", "-c", "exit 3"], "", 3),
         (&["--env", "GREETING=hi", "--", "sh", "-c", "echo $GREETING"], "hi\n", 0),
         (&["--env", "NEW=1", "--", "sh", "-c", "echo $GREETING$NEW"], "hello1\n", 0),
+        // A bare name passes the client's own value (the test process sets BERTH_TEST_PASS).
+        (&["--env", "BERTH_TEST_PASS", "--", "sh", "-c", "echo $BERTH_TEST_PASS"], "passed\n", 0),
         (&["--user", "app", "--", "sh", "-c", "echo $(id -u):$(id -g) $HOME"], "1000:1000 /home/app\n", 0),
         (&["--user", "4242:4343", "--", "sh", "-c", "echo $(id -u):$(id -g)"], "4242:4343\n", 0),
         (&["--workdir", "/tmp", "--", "pwd"], "/tmp\n", 0),
@@ -626,7 +628,8 @@ fn relative_data_dir_and_option_errors() {
         (vec!["--workdir", "relative/dir"], "must be an absolute path"),
         (vec!["--memory", "1k"], "minimum"),
         (vec!["--name", "bad name"], "invalid container name"),
-        (vec!["--env", "NOEQUALS"], "KEY=VALUE"),
+        (vec!["--env", "=novalue"], "invalid environment variable name"),
+        (vec!["--cpus", "0.001"], "--cpus"),
     ] {
         let mut full = vec!["run", "--rm"];
         full.extend(args.iter().copied());

@@ -95,6 +95,24 @@ fn run_inner(engine: &Engine, a: Args) -> Result<i32> {
         let Some((k, v)) = l.split_once('=') else { bail!("--label {l:?}: expected KEY=VALUE") };
         labels.insert(k.to_string(), v.to_string());
     }
+    // As Docker: `--env NAME` passes this process's value of NAME (nothing if it is unset).
+    let env: Vec<String> = a
+        .env
+        .iter()
+        .filter_map(|kv| {
+            if kv.contains('=') {
+                Some(kv.clone())
+            } else {
+                std::env::var(kv).ok().map(|v| format!("{kv}={v}"))
+            }
+        })
+        .collect();
+    if let Some(c) = a.cpus {
+        let max = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
+        if !(0.01..=max).contains(&c) {
+            bail!("--cpus {c}: the range is 0.01 to {max} (the cores of this machine)");
+        }
+    }
     // Options are checked before anything is pulled: a typo fails at once.
     let image = match engine.images().get(&a.image) {
         Ok(img) => img,
@@ -104,7 +122,7 @@ fn run_inner(engine: &Engine, a: Args) -> Result<i32> {
         name: a.name.clone(),
         entrypoint: a.entrypoint.as_ref().map(|e| vec![e.clone()]),
         cmd: if a.command.is_empty() { None } else { Some(a.command.clone()) },
-        env: a.env.clone(),
+        env,
         working_dir: a.workdir.clone(),
         user: a.user.clone(),
         hostname: a.hostname.clone(),
