@@ -171,7 +171,9 @@ impl Network {
         self.check_bridge_address()?;
         fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(io_err("enabling IPv4 forwarding"))?;
         let sub = self.subnet.to_string();
-        let rules: [&[&str]; 3] = [
+        // Last in the list, so inserted first: a container may not reach another one by routing
+        // through the host (bridge ports are isolated at layer 2 already).
+        let rules: [&[&str]; 4] = [
             &["-t", "nat", "POSTROUTING", "-s", &sub, "!", "-o", bridge, "-j", "MASQUERADE"],
             &["-t", "filter", "FORWARD", "-i", bridge, "-j", "ACCEPT"],
             &[
@@ -187,6 +189,7 @@ impl Network {
                 "-j",
                 "ACCEPT",
             ],
+            &["-t", "filter", "FORWARD", "-i", bridge, "-o", bridge, "-j", "DROP"],
         ];
         for rule in rules {
             let (table, chain, spec) = (&rule[..2], rule[2], &rule[3..]);

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+mod client;
 mod container;
 mod image;
 mod run;
@@ -34,6 +35,40 @@ pub enum Command {
     /// Manage containers: ls, inspect, logs, stop, rm.
     #[command(subcommand)]
     Container(container::Command),
+    /// Run the control plane, the API and the proxy.
+    Server(crate::server::Args),
+    /// Deploy an image to a service (created if needed) on a running server.
+    Deploy {
+        #[command(flatten)]
+        args: client::DeployArgs,
+        #[command(flatten)]
+        conn: client::Conn,
+    },
+    /// List the services of a running server: status, revision, instances, URL.
+    Services {
+        #[command(flatten)]
+        conn: client::Conn,
+    },
+    /// Print a service's logs (all its instances, stopped ones included).
+    Logs {
+        #[command(flatten)]
+        args: client::LogsArgs,
+        #[command(flatten)]
+        conn: client::Conn,
+    },
+    /// Change how a service scales.
+    Scale {
+        #[command(flatten)]
+        args: client::ScaleArgs,
+        #[command(flatten)]
+        conn: client::Conn,
+    },
+    /// Delete a service: its instances stop, its route goes.
+    Rm {
+        name: String,
+        #[command(flatten)]
+        conn: client::Conn,
+    },
     /// Internal: the per-container shim process (started by Berth itself).
     #[command(hide = true)]
     Shim {
@@ -72,15 +107,44 @@ pub fn main() -> i32 {
         // shim.log; the container's init inherits the subscriber until it execs, when its
         // stderr is already the container's, so libcontainer's warnings about syscalls this
         // libseccomp doesn't know (skipped, harmless) must not print there.
-        init_tracing(if *cleanup {
-            "warn,libcontainer=error,libcgroups=error"
-        } else {
-            "warn,libcontainer::seccomp=error"
-        });
+        // The quiet directives hold whatever BERTH_LOG says (a server's BERTH_LOG reaches its
+        // shims).
+        let quiet = if *cleanup { "libcontainer=error,libcgroups=error" } else { "libcontainer::seccomp=error" };
+        let filter = match std::env::var("BERTH_LOG") {
+            Ok(f) if !f.trim().is_empty() => format!("{f},{quiet}"),
+            _ => format!("warn,{quiet}"),
+        };
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .with_target(false)
+            .try_init();
         return if *cleanup {
             berth_agent::shim::cleanup_main(&cli.data_dir, id)
         } else {
             berth_agent::shim::main(&cli.data_dir, id)
+        };
+    }
+    if let Command::Server(args) = &cli.command {
+        init_tracing("info");
+        return crate::server::main(&cli.data_dir, cli.config.as_deref(), args);
+    }
+    let client_result = match &cli.command {
+        Command::Deploy { args, conn } => Some(client::deploy(conn, &cli.data_dir, args)),
+        Command::Services { conn } => Some(client::services(conn, &cli.data_dir)),
+        Command::Logs { args, conn } => Some(client::logs(conn, &cli.data_dir, args)),
+        Command::Scale { args, conn } => Some(client::scale(conn, &cli.data_dir, args)),
+        Command::Rm { name, conn } => Some(client::rm(conn, &cli.data_dir, name)),
+        _ => None,
+    };
+    if let Some(r) = client_result {
+        init_tracing("warn");
+        return match r {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("berth: {e:#}");
+                1
+            }
         };
     }
     init_tracing("warn");
@@ -102,7 +166,13 @@ pub fn main() -> i32 {
         Command::Image(cmd) => image::run(&engine, cmd),
         Command::Run(args) => run::run(&engine, *args),
         Command::Container(cmd) => container::run(&engine, cmd),
-        Command::Shim { .. } => unreachable!("handled above"),
+        Command::Shim { .. }
+        | Command::Server(_)
+        | Command::Deploy { .. }
+        | Command::Services { .. }
+        | Command::Logs { .. }
+        | Command::Scale { .. }
+        | Command::Rm { .. } => unreachable!("handled above"),
     };
     match result {
         Ok(code) => code,
@@ -114,12 +184,20 @@ pub fn main() -> i32 {
 }
 
 fn open_engine(cli: &Cli, cfg: berth_agent::Config) -> anyhow::Result<berth_agent::Engine> {
+    open_engine_at(&cli.data_dir, cfg)
+}
+
+/// Opens the engine on `data_dir`, with this binary as its shim.
+pub(crate) fn open_engine_at(
+    data_dir: &std::path::Path,
+    cfg: berth_agent::Config,
+) -> anyhow::Result<berth_agent::Engine> {
     let exe = std::env::current_exe().map_err(|e| anyhow::anyhow!("finding the berth binary: {e}"))?;
     let shim = berth_agent::ShimCommand {
         program: exe,
-        args: vec!["--data-dir".into(), cli.data_dir.clone().into_os_string(), "shim".into()],
+        args: vec!["--data-dir".into(), data_dir.as_os_str().to_owned(), "shim".into()],
     };
-    Ok(berth_agent::Engine::open(&cli.data_dir, cfg, shim)?)
+    Ok(berth_agent::Engine::open(data_dir, cfg, shim)?)
 }
 
 fn init_tracing(default: &str) {

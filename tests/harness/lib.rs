@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
+pub mod server;
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct Registry {
     pub host: String,
@@ -214,6 +216,7 @@ impl Drop for Berth {
 fn nat_rules(bridge: &str, subnet: &str) -> Vec<Vec<String>> {
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
     vec![
+        s(&["-t", "filter", "-D", "FORWARD", "-i", bridge, "-o", bridge, "-j", "DROP"]),
         s(&["-t", "nat", "-D", "POSTROUTING", "-s", subnet, "!", "-o", bridge, "-j", "MASQUERADE"]),
         s(&["-t", "filter", "-D", "FORWARD", "-i", bridge, "-j", "ACCEPT"]),
         s(&[

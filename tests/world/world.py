@@ -53,7 +53,7 @@ import uuid
 RECIPES = {
     "busybox": "1",
     "busybox-zstd": "1",
-    "python": "2",
+    "python": "3",
 }
 IMAGE_NAMES = list(RECIPES)
 
@@ -435,20 +435,38 @@ def build_busybox(out, workdir, compression):
 
 
 APP_PY = r'''#!/usr/bin/env python3
-"""Berth test-world app: GET / -> "python ok"; GET /env/NAME -> $NAME."""
-import os, signal, socket, sys
+# Berth test-world app: see tests/world/README.md for its endpoints.
+import base64, hashlib, os, signal, socket, struct, sys, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
 class H(BaseHTTPRequestHandler):
-    def _send(self, code, body):
+    protocol_version = "HTTP/1.1"
+
+    def _send(self, code, body, ctype="text/plain; charset=utf-8"):
         b = body.encode() if isinstance(body, str) else body
         self.send_response(code)
-        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(b)))
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(b)
+
+    def _body(self):
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            out = b""
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return out
+                out += self.rfile.read(size)
+                self.rfile.readline()
+        n = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(n)
 
     def do_HEAD(self):
         self.do_GET()
@@ -468,6 +486,8 @@ class H(BaseHTTPRequestHandler):
             return self._send(200, "uid=%d gid=%d" % (os.getuid(), os.getgid()))
         if p == "/cwd":
             return self._send(200, os.getcwd())
+        if p == "/headers":
+            return self._send(200, "".join("%s: %s\n" % (k.lower(), v) for k, v in self.headers.items()))
         if p.startswith("/file/"):
             try:
                 with open("/" + p[len("/file/"):], "rb") as f:
@@ -478,13 +498,46 @@ class H(BaseHTTPRequestHandler):
             self._send(200, "exiting")
             self.wfile.flush()
             os._exit(int(p[len("/exit/"):]))
+        if p.startswith("/sleep/"):
+            time.sleep(int(p[len("/sleep/"):]) / 1000.0)
+            return self._send(200, "slept")
+        if p.startswith("/stream/"):
+            # N chunks, 200 ms apart: a proxy must pass each on as it comes.
+            n = int(p[len("/stream/"):])
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for i in range(n):
+                data = ("chunk %d\n" % i).encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+                time.sleep(0.2)
+            self.wfile.write(b"0\r\n\r\n")
+            return
+        if p.startswith("/connect/"):
+            # /connect/HOST/PORT: can this container open a TCP connection there?
+            host, port = p[len("/connect/"):].split("/", 1)
+            try:
+                socket.create_connection((host, int(port)), timeout=2).close()
+                return self._send(200, "connected")
+            except OSError as e:
+                return self._send(502, "refused: %s" % e)
+        if p == "/ws":
+            return self._websocket()
+        self._send(404, "not found")
+
+    def do_POST(self):
+        p = self.path.split("?", 1)[0]
+        if p == "/echo":
+            body = self._body()
+            return self._send(200, body, "application/octet-stream")
         self._send(404, "not found")
 
     def do_PUT(self):
         p = self.path.split("?", 1)[0]
         if p.startswith("/file/"):
-            n = int(self.headers.get("Content-Length") or 0)
-            data = self.rfile.read(n)
+            data = self._body()
             try:
                 with open("/" + p[len("/file/"):], "wb") as f:
                     f.write(data)
@@ -492,6 +545,44 @@ class H(BaseHTTPRequestHandler):
                 return self._send(500, str(e))
             return self._send(200, "written")
         self._send(404, "not found")
+
+    def _websocket(self):
+        # RFC 6455 echo: text and binary frames come back as sent; close ends it.
+        key = self.headers.get("Sec-WebSocket-Key")
+        if not key or "websocket" not in (self.headers.get("Upgrade") or "").lower():
+            return self._send(400, "not a websocket request")
+        accept = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
+        self.send_response(101)
+        self.send_header("Upgrade", "websocket")
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Sec-WebSocket-Accept", accept)
+        self.end_headers()
+        self.wfile.flush()
+        r = self.rfile
+        while True:
+            h = r.read(2)
+            if len(h) < 2:
+                break
+            op, ln = h[0] & 0x0F, h[1] & 0x7F
+            if ln == 126:
+                ln = struct.unpack(">H", r.read(2))[0]
+            elif ln == 127:
+                ln = struct.unpack(">Q", r.read(8))[0]
+            mask = r.read(4) if h[1] & 0x80 else b"\0\0\0\0"
+            data = bytes(b ^ mask[i % 4] for i, b in enumerate(r.read(ln)))
+            if op == 8:
+                self.wfile.write(b"\x88\x00")
+                self.wfile.flush()
+                break
+            if len(data) < 126:
+                head = bytes([0x80 | op, len(data)])
+            elif len(data) < 65536:
+                head = bytes([0x80 | op, 126]) + struct.pack(">H", len(data))
+            else:
+                head = bytes([0x80 | op, 127]) + struct.pack(">Q", len(data))
+            self.wfile.write(head + data)
+            self.wfile.flush()
+        self.close_connection = True
 
     def log_message(self, fmt, *args):
         sys.stderr.write("app: " + (fmt % args) + "\n")

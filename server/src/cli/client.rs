@@ -1,0 +1,350 @@
+//! The commands that talk to a running `berth server` over its API: `deploy`, `services`,
+//! `logs`, `scale`, `rm`.
+//!
+//! Where the server is and which token to send: `--api`/`BERTH_API` and `--token`/`BERTH_TOKEN`,
+//! else `~/.config/berth/client.toml` (`api = "..."`, `token = "..."`), else
+//! `http://127.0.0.1:7070` and the admin token in the data directory (readable by root on the
+//! server's own machine).
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use futures_util::StreamExt;
+use serde_json::Value;
+
+#[derive(Debug, clap::Args)]
+pub struct Conn {
+    /// The Berth API's URL (default http://127.0.0.1:7070).
+    #[arg(long, env = "BERTH_API", global = true, value_name = "URL")]
+    pub api: Option<String>,
+    /// The API token (default: the admin token in the data directory).
+    #[arg(long, env = "BERTH_TOKEN", global = true, hide_env_values = true, value_name = "TOKEN")]
+    pub token: Option<String>,
+    /// Print JSON, for scripts.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DeployArgs {
+    /// The service (created if it does not exist); it answers at <name>.<domain>.
+    pub name: String,
+    /// The image reference to deploy.
+    #[arg(long, value_name = "REF")]
+    pub image: String,
+    /// Set an environment variable (repeatable); `--env NAME` passes this shell's value.
+    #[arg(short, long = "env", value_name = "K=V")]
+    pub env: Vec<String>,
+    /// The port the app listens on (default: its PORT env, the image's exposed port, or 8080).
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// An HTTP path that must answer 2xx before an instance takes traffic.
+    #[arg(long, value_name = "PATH")]
+    pub health_path: Option<String>,
+    /// Wait until the new revision serves (or the deploy fails), showing progress.
+    #[arg(long)]
+    pub wait: bool,
+    /// How long the new revision gets to become ready, like 30s (default 2m).
+    #[arg(long, value_name = "DUR")]
+    pub timeout: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct LogsArgs {
+    pub name: String,
+    /// Keep printing new lines as they are written.
+    #[arg(short, long)]
+    pub follow: bool,
+    /// Only the last N lines.
+    #[arg(long, value_name = "N")]
+    pub tail: Option<usize>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ScaleArgs {
+    pub name: String,
+    /// Instances kept running when idle (0: scale to zero).
+    #[arg(long)]
+    pub min: Option<u32>,
+    /// Instances at most.
+    #[arg(long)]
+    pub max: Option<u32>,
+    /// Requests one instance serves at once.
+    #[arg(long)]
+    pub concurrency: Option<u32>,
+    /// Idle time before an instance is frozen, like 30s.
+    #[arg(long, value_name = "DUR")]
+    pub freeze_after: Option<String>,
+    /// Idle time before an instance is stopped, like 5m.
+    #[arg(long, value_name = "DUR")]
+    pub stop_after: Option<String>,
+    /// A request's time limit, time held included, like 60s.
+    #[arg(long, value_name = "DUR")]
+    pub request_timeout: Option<String>,
+    /// Requests held while no instance can take them.
+    #[arg(long, value_name = "N")]
+    pub queue: Option<u32>,
+}
+
+struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct ClientFile {
+    api: Option<String>,
+    token: Option<String>,
+}
+
+impl Client {
+    fn new(conn: &Conn, data_dir: &Path) -> Result<Client> {
+        let file = client_file()?;
+        let base = conn
+            .api
+            .clone()
+            .or(file.api)
+            .unwrap_or_else(|| "http://127.0.0.1:7070".into())
+            .trim_end_matches('/')
+            .to_string();
+        if !base.starts_with("http://") && !base.starts_with("https://") {
+            bail!("--api {base:?}: expected a URL like http://127.0.0.1:7070");
+        }
+        let token = match conn.token.clone().or(file.token) {
+            Some(t) => t,
+            None => std::fs::read_to_string(data_dir.join(crate::server::token::FILE))
+                .map(|t| t.trim().to_string())
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "no API token: set BERTH_TOKEN (or --token); {} is not readable: {e}",
+                        data_dir.join(crate::server::token::FILE).display()
+                    )
+                })?,
+        };
+        let http = reqwest::Client::builder().build().context("building the HTTP client")?;
+        Ok(Client { http, base, token })
+    }
+
+    fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http.request(method, format!("{}/api/v1{path}", self.base)).bearer_auth(&self.token)
+    }
+
+    /// Sends, and turns a non-2xx answer into the API's error message.
+    async fn send(&self, rb: reqwest::RequestBuilder) -> Result<reqwest::Response> {
+        let resp = rb.send().await.with_context(|| format!("connecting to the Berth API at {}", self.base))?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        let msg = serde_json::from_str::<Value>(&text)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_string))
+            .unwrap_or(text);
+        bail!("{msg} (HTTP {})", status.as_u16())
+    }
+
+    async fn json(&self, rb: reqwest::RequestBuilder) -> Result<Value> {
+        let resp = self.send(rb).await?;
+        let bytes = resp.bytes().await.context("reading the API's answer")?;
+        if bytes.is_empty() {
+            return Ok(Value::Null);
+        }
+        serde_json::from_slice(&bytes).context("the API's answer is not JSON")
+    }
+}
+
+fn client_file() -> Result<ClientFile> {
+    let dir = std::env::var_os("XDG_CONFIG_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".config")));
+    let Some(path) = dir.map(|d| d.join("berth/client.toml")) else { return Ok(ClientFile::default()) };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message())),
+        Err(_) => Ok(ClientFile::default()),
+    }
+}
+
+fn env_map(pairs: &[String]) -> Result<serde_json::Map<String, Value>> {
+    let mut m = serde_json::Map::new();
+    for kv in pairs {
+        match kv.split_once('=') {
+            Some((k, v)) => m.insert(k.to_string(), Value::String(v.to_string())),
+            None => match std::env::var(kv) {
+                Ok(v) => m.insert(kv.clone(), Value::String(v)),
+                Err(_) => bail!("--env {kv}: expected K=V (or the name of a variable set in this shell)"),
+            },
+        };
+    }
+    Ok(m)
+}
+
+pub fn deploy(conn: &Conn, data_dir: &Path, a: &DeployArgs) -> Result<i32> {
+    let c = Client::new(conn, data_dir)?;
+    let mut body = serde_json::json!({ "image": a.image, "env": env_map(&a.env)? });
+    if let Some(p) = a.port {
+        body["port"] = p.into();
+    }
+    if let Some(h) = &a.health_path {
+        body["health_path"] = h.clone().into();
+    }
+    if let Some(t) = &a.timeout {
+        body["timeout"] = t.clone().into();
+    }
+    crate::cli::runtime().block_on(async {
+        let path = format!("/services/{}/deploys", a.name);
+        if !a.wait {
+            let d = c.json(c.req(reqwest::Method::POST, &path).json(&body)).await?;
+            if conn.json {
+                println!("{d}");
+            } else {
+                println!("deploy {} of {} started ({})", d["id"], a.name, a.image);
+            }
+            return Ok(0);
+        }
+        let resp =
+            c.send(c.req(reqwest::Method::POST, &path).header("accept", "application/x-ndjson").json(&body)).await?;
+        let mut stream = resp.bytes_stream();
+        let mut buf = Vec::new();
+        let mut done: Option<Value> = None;
+        while let Some(chunk) = stream.next().await {
+            buf.extend_from_slice(&chunk.context("reading the deploy's progress")?);
+            while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=nl).collect();
+                let ev: Value = serde_json::from_slice(&line).context("a deploy event is not JSON")?;
+                match ev["event"].as_str() {
+                    Some("progress") if !conn.json => eprintln!("{}", ev["message"].as_str().unwrap_or_default()),
+                    Some("done") => done = Some(ev["deploy"].clone()),
+                    _ => {}
+                }
+            }
+        }
+        let Some(d) = done else { bail!("the server ended the deploy's stream without a result") };
+        if conn.json {
+            println!("{d}");
+        }
+        if d["status"] == "succeeded" {
+            if !conn.json {
+                println!("{}: revision {} is serving", a.name, d["revision"]);
+            }
+            Ok(0)
+        } else {
+            eprintln!(
+                "berth: deploy {} of {} failed: {}",
+                d["id"],
+                a.name,
+                d["error"].as_str().unwrap_or("unknown error")
+            );
+            Ok(1)
+        }
+    })
+}
+
+pub fn services(conn: &Conn, data_dir: &Path) -> Result<i32> {
+    let c = Client::new(conn, data_dir)?;
+    let v = crate::cli::runtime().block_on(c.json(c.req(reqwest::Method::GET, "/services")))?;
+    if conn.json {
+        println!("{v}");
+        return Ok(0);
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{:<24} {:<13} {:>8} {:>9}  {:<40} IMAGE", "NAME", "STATUS", "REVISION", "INSTANCES", "URL")?;
+    for s in v["services"].as_array().into_iter().flatten() {
+        let rev = s["revision"].as_i64().map_or("-".to_string(), |n| n.to_string());
+        let n = s["instances"].as_array().map_or(0, |a| a.len());
+        writeln!(
+            out,
+            "{:<24} {:<13} {:>8} {:>9}  {:<40} {}",
+            s["name"].as_str().unwrap_or(""),
+            s["status"].as_str().unwrap_or(""),
+            rev,
+            n,
+            s["url"].as_str().unwrap_or(""),
+            s["image"].as_str().unwrap_or("-")
+        )?;
+    }
+    Ok(0)
+}
+
+pub fn logs(conn: &Conn, data_dir: &Path, a: &LogsArgs) -> Result<i32> {
+    let c = Client::new(conn, data_dir)?;
+    let mut q = vec![("follow", a.follow.to_string())];
+    if let Some(n) = a.tail {
+        q.push(("tail", n.to_string()));
+    }
+    crate::cli::runtime().block_on(async {
+        let resp = c.send(c.req(reqwest::Method::GET, &format!("/services/{}/logs", a.name)).query(&q)).await?;
+        let mut stream = resp.bytes_stream();
+        let mut buf = Vec::new();
+        let mut out = std::io::stdout();
+        while let Some(chunk) = stream.next().await {
+            buf.extend_from_slice(&chunk.context("reading the logs")?);
+            while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=nl).collect();
+                if conn.json {
+                    out.write_all(&line)?;
+                } else {
+                    let v: Value = serde_json::from_slice(&line).context("a log line is not JSON")?;
+                    writeln!(
+                        out,
+                        "{} {} {}",
+                        v["time"].as_str().unwrap_or(""),
+                        v["instance"].as_str().unwrap_or(""),
+                        v["line"].as_str().unwrap_or("")
+                    )?;
+                }
+                out.flush()?;
+            }
+        }
+        Ok(0)
+    })
+}
+
+pub fn scale(conn: &Conn, data_dir: &Path, a: &ScaleArgs) -> Result<i32> {
+    let c = Client::new(conn, data_dir)?;
+    let mut body = serde_json::Map::new();
+    let mut put = |k: &str, v: Option<Value>| {
+        if let Some(v) = v {
+            body.insert(k.to_string(), v);
+        }
+    };
+    put("min", a.min.map(Value::from));
+    put("max", a.max.map(Value::from));
+    put("concurrency", a.concurrency.map(Value::from));
+    put("freeze_after", a.freeze_after.clone().map(Value::from));
+    put("stop_after", a.stop_after.clone().map(Value::from));
+    put("request_timeout", a.request_timeout.clone().map(Value::from));
+    put("queue", a.queue.map(Value::from));
+    let v = crate::cli::runtime().block_on(
+        c.json(c.req(reqwest::Method::PATCH, &format!("/services/{}/scaling", a.name)).json(&Value::Object(body))),
+    )?;
+    if conn.json {
+        println!("{v}");
+    } else {
+        let s = &v["scaling"];
+        println!(
+            "{}: min {} max {} concurrency {} freeze-after {} stop-after {} request-timeout {} queue {}",
+            a.name,
+            s["min"],
+            s["max"],
+            s["concurrency"],
+            s["freeze_after"].as_str().unwrap_or(""),
+            s["stop_after"].as_str().unwrap_or(""),
+            s["request_timeout"].as_str().unwrap_or(""),
+            s["queue"]
+        );
+    }
+    Ok(0)
+}
+
+pub fn rm(conn: &Conn, data_dir: &Path, name: &str) -> Result<i32> {
+    let c = Client::new(conn, data_dir)?;
+    crate::cli::runtime().block_on(c.send(c.req(reqwest::Method::DELETE, &format!("/services/{name}"))))?;
+    if !conn.json {
+        println!("removed {name}");
+    }
+    Ok(0)
+}

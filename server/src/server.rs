@@ -1,0 +1,259 @@
+//! `berth server`: the control plane and the proxy in one process. Validates its options (exit
+//! 64 before anything is bound or written), binds the API and proxy ports, opens the state
+//! database, loads every service and re-adopts the instances the engine still runs (nothing is
+//! redeployed), then serves until SIGTERM or SIGINT. Instances keep running when it stops.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+pub mod api;
+pub mod db;
+pub mod deploy;
+pub mod instance;
+pub mod logs;
+pub mod platform;
+pub mod proxy;
+pub mod scaling;
+pub mod settings;
+pub mod token;
+
+pub use settings::{Args, Settings};
+
+use crate::config::EXIT_USAGE;
+
+/// How often idle instances are considered for freezing and stopping.
+const TICK: Duration = Duration::from_millis(100);
+
+/// Runs `berth server`; returns the process exit code.
+pub fn main(data_dir: &Path, config: Option<&Path>, args: &Args) -> i32 {
+    let settings = match Settings::from_args(args) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("berth: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let cfg = match crate::config::load(data_dir, config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("berth: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    if let Err(e) = berth_agent::network::validate(&cfg.network) {
+        eprintln!("berth: {e}");
+        return EXIT_USAGE;
+    }
+    match crate::cli::runtime().block_on(serve(data_dir, cfg, settings)) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("berth: {e:#}");
+            1
+        }
+    }
+}
+
+async fn serve(data_dir: &Path, cfg: berth_agent::Config, settings: Settings) -> anyhow::Result<()> {
+    // Bind first: a port in use is the likeliest failure, and it should leave nothing behind.
+    let api_listener = tokio::net::TcpListener::bind(settings.api_addr)
+        .await
+        .with_context(|| format!("--api-addr {}: binding", settings.api_addr))?;
+    let http_listener = tokio::net::TcpListener::bind(settings.http_addr)
+        .await
+        .with_context(|| format!("--http-addr {}: binding", settings.http_addr))?;
+    let http_port = http_listener.local_addr().map(|a| a.port()).unwrap_or(settings.http_addr.port());
+    let api_port = api_listener.local_addr().map(|a| a.port()).unwrap_or(settings.api_addr.port());
+    std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    let subnet = berth_agent::network::validate(&cfg.network).context("[network]")?;
+    let bridge = cfg.network.bridge.clone();
+    let engine = Arc::new(crate::cli::open_engine_at(data_dir, cfg)?);
+    let db = db::open(data_dir).await?;
+    let admin = token::load_or_create(data_dir)?;
+    db::ensure_token(&db, token::ADMIN, &token::hash(&admin), token::ADMIN).await?;
+
+    let platform = Arc::new(platform::Platform::new(&settings.domain, &settings.control_host));
+    let (actions, actions_rx) = tokio::sync::mpsc::unbounded_channel();
+    let state = api::AppState {
+        db: db.clone(),
+        platform: platform.clone(),
+        engine: engine.clone(),
+        actions: actions.clone(),
+        data_dir: data_dir.to_path_buf(),
+        domain: settings.domain.clone(),
+        http_port,
+    };
+    let adopted = load_services(&state).await?;
+    let executor = instance::Executor { engine: engine.clone(), data_dir: data_dir.to_path_buf() };
+    tokio::spawn(executor.run(actions_rx));
+    tokio::spawn(ticker(platform.clone()));
+    let firewall = Firewall::install(&bridge, api_port);
+
+    let app = api::router(state.clone());
+    let proxy = Arc::new(proxy::Proxy::new(
+        platform.clone(),
+        app.clone(),
+        settings.trusted_proxies.clone(),
+        settings.hold_body_limit,
+        subnet,
+    ));
+    tracing::info!(
+        api = %settings.api_addr,
+        http = %settings.http_addr,
+        domain = %settings.domain,
+        control_host = %settings.control_host,
+        services = platform.all().len(),
+        adopted,
+        token_file = %data_dir.join(token::FILE).display(),
+        "berth server listening"
+    );
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let proxy_task = tokio::spawn(proxy.serve(http_listener, stopped(stop_rx.clone())));
+    let api_task =
+        tokio::spawn(async move { axum::serve(api_listener, app).with_graceful_shutdown(stopped(stop_rx)).await });
+    shutdown_signal().await;
+    let _ = stop_tx.send(true);
+    let _ = proxy_task.await;
+    // In-flight API calls (a deploy waiting) get a moment; instances keep running.
+    let _ = tokio::time::timeout(Duration::from_secs(5), api_task).await;
+    drop(firewall);
+    db.close().await;
+    tracing::info!("berth server stopped");
+    Ok(())
+}
+
+/// Loads every service into the platform and re-adopts the instances the engine still runs
+/// for them; containers of unknown services or revisions, and exited ones, are removed.
+/// Returns how many instances were adopted.
+async fn load_services(state: &api::AppState) -> anyhow::Result<usize> {
+    let services = db::list_services(&state.db).await?;
+    let mut revisions = std::collections::HashMap::new();
+    for s in &services {
+        let rev = match s.revision {
+            Some(n) => db::get_revision(&state.db, s.id, n).await?,
+            None => None,
+        };
+        let live = platform::Service::new(
+            s.name.clone(),
+            s.id,
+            s.scaling,
+            rev.as_ref().map(to_live_revision),
+            state.actions.clone(),
+        );
+        state.platform.insert(live);
+        revisions.insert(s.name.clone(), s.id);
+    }
+    let engine = state.engine.clone();
+    let containers = tokio::task::spawn_blocking(move || engine.list()).await??;
+    let mut adopted = 0;
+    for c in containers {
+        let Some(name) = c.spec.labels.get(instance::LABEL_SERVICE).cloned() else { continue };
+        let number: Option<i64> = c.spec.labels.get(instance::LABEL_REVISION).and_then(|n| n.parse().ok());
+        let live = state.platform.get(&name);
+        let rev = match (revisions.get(&name), number) {
+            (Some(&sid), Some(n)) => db::get_revision(&state.db, sid, n).await?,
+            _ => None,
+        };
+        match (live, rev, c.is_running(), c.state.ip()) {
+            (Some(live), Some(rev), true, Some(ip)) => {
+                let frozen = c.state.status == berth_agent::container::Status::Paused;
+                let addr = std::net::SocketAddr::new(ip.into(), rev.port);
+                live.adopt(&c.id, rev.number, addr, frozen, c.state.started_at.clone().unwrap_or_default());
+                tracing::info!(service = %name, revision = rev.number, container = %c.short_id(), frozen, "instance re-adopted");
+                adopted += 1;
+            }
+            _ => {
+                tracing::info!(service = %name, container = %c.short_id(), "removing a leftover instance");
+                let (engine, dir, id) = (state.engine.clone(), state.data_dir.clone(), c.id.clone());
+                tokio::task::spawn_blocking(move || instance::retire(&engine, &dir, &name, &id));
+            }
+        }
+    }
+    Ok(adopted)
+}
+
+pub fn to_live_revision(r: &db::Revision) -> platform::Revision {
+    platform::Revision {
+        number: r.number,
+        image: r.image.clone(),
+        image_id: r.image_id.clone(),
+        port: r.port,
+        env: r.env.clone(),
+        health_path: r.health_path.clone(),
+    }
+}
+
+async fn ticker(platform: Arc<platform::Platform>) {
+    let mut every = tokio::time::interval(TICK);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        every.tick().await;
+        let now = Instant::now();
+        for svc in platform.all() {
+            svc.tick(now);
+        }
+    }
+}
+
+/// The iptables rule that keeps containers from the API port on the host (they reach the
+/// host through the bridge's address). Removed when the server stops; a server killed with
+/// SIGKILL leaves it, and the next start finds it in place.
+struct Firewall {
+    rule: Vec<String>,
+}
+
+impl Firewall {
+    fn install(bridge: &str, api_port: u16) -> Firewall {
+        let rule: Vec<String> = ["INPUT", "-i", bridge, "-p", "tcp", "--dport", &api_port.to_string(), "-j", "REJECT"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let ok = |args: &[&str]| {
+            std::process::Command::new("iptables")
+                .arg("-w")
+                .args(args)
+                .args(&rule)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !ok(&["-C"]) && !ok(&["-I"]) {
+            tracing::warn!(bridge, api_port, "could not add the iptables rule that keeps containers off the API port");
+        }
+        Firewall { rule }
+    }
+}
+
+impl Drop for Firewall {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("iptables")
+            .arg("-w")
+            .arg("-D")
+            .args(&self.rule)
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(t), Ok(i)) => (t, i),
+        _ => {
+            tracing::error!("cannot listen for SIGTERM/SIGINT; stop the server with SIGKILL");
+            return std::future::pending().await;
+        }
+    };
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(signal = name, "shutting down");
+}

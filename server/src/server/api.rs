@@ -1,0 +1,119 @@
+//! The JSON API under `/api/v1`: routing, bearer-token authentication and the error type that
+//! turns every failure into one deliberate status with `{"error": "..."}`.
+
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use sqlx::SqlitePool;
+
+mod services;
+
+/// What every handler gets.
+#[derive(Clone)]
+pub struct AppState {
+    pub db: SqlitePool,
+    pub platform: std::sync::Arc<super::platform::Platform>,
+    pub engine: std::sync::Arc<berth_agent::Engine>,
+    pub actions: tokio::sync::mpsc::UnboundedSender<super::platform::Action>,
+    pub data_dir: std::path::PathBuf,
+    pub domain: String,
+    /// The proxy's port, for the URLs the API shows (omitted when 80).
+    pub http_port: u16,
+}
+
+impl AppState {
+    /// The URL a service answers at.
+    pub fn url(&self, service: &str) -> String {
+        if self.http_port == 80 {
+            format!("http://{service}.{}/", self.domain)
+        } else {
+            format!("http://{service}.{}:{}/", self.domain, self.http_port)
+        }
+    }
+}
+
+/// An API failure. Internal errors are logged once and answered with a generic message: their
+/// detail (paths, SQL) is not the client's business.
+#[derive(Debug)]
+pub enum Error {
+    BadRequest(String),
+    Unauthorized(String),
+    NotFound(String),
+    Conflict(String),
+    /// The service exists but cannot do this now (a deploy that failed: 422 with the reason).
+    Unprocessable(String),
+    MethodNotAllowed,
+    Internal(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Error {
+    fn from(e: anyhow::Error) -> Error {
+        Error::Internal(e)
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let (status, msg) = match self {
+            Error::BadRequest(m) => (StatusCode::BAD_REQUEST, m),
+            Error::Unauthorized(m) => (StatusCode::UNAUTHORIZED, m),
+            Error::NotFound(m) => (StatusCode::NOT_FOUND, m),
+            Error::Conflict(m) => (StatusCode::CONFLICT, m),
+            Error::Unprocessable(m) => (StatusCode::UNPROCESSABLE_ENTITY, m),
+            Error::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this path".into()),
+            Error::Internal(e) => {
+                tracing::error!(error = %format!("{e:#}"), "api request failed");
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal error: see the server's log".into())
+            }
+        };
+        let mut resp = (status, Json(serde_json::json!({ "error": msg }))).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+/// The whole API.
+pub fn router(state: AppState) -> Router {
+    let authed = services::router()
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .with_state(state.clone());
+    let v1 = Router::new().route("/health", get(health)).merge(authed);
+    Router::new()
+        .nest("/api/v1", v1)
+        .fallback(|req: Request| async move {
+            Error::NotFound(format!("no such endpoint: {} {}", req.method(), req.uri().path()))
+        })
+        .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+/// Lets a request through if it carries `Authorization: Bearer <token>` of a known token.
+/// Who made an API call: the name of its token.
+#[derive(Debug, Clone)]
+pub struct Caller(pub String);
+
+async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Result<Response, Error> {
+    let Some(value) = req.headers().get(header::AUTHORIZATION) else {
+        return Err(Error::Unauthorized("missing Authorization header: send \"Authorization: Bearer <token>\"".into()));
+    };
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| Error::Unauthorized("the Authorization header must be \"Bearer <token>\"".into()))?;
+    let Some(scope) = crate::server::db::token_scope(&state.db, &crate::server::token::hash(token)).await? else {
+        return Err(Error::Unauthorized("invalid token".into()));
+    };
+    req.extensions_mut().insert(Caller(scope));
+    Ok(next.run(req).await)
+}

@@ -1,0 +1,509 @@
+//! `/api/v1/services`: create, read, list, configure, deploy, scale and delete services; their
+//! instances, deploys and logs.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, patch, post};
+use axum::{Extension, Json, Router};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::{AppState, Caller, Error};
+use crate::server::db::{self, InsertError, Service};
+use crate::server::platform::{self, Snapshot};
+use crate::server::scaling::{self, Scaling};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/services", get(list).post(create))
+        .route("/services/{name}", get(read).patch(update).delete(remove))
+        .route("/services/{name}/scaling", patch(set_scaling))
+        .route("/services/{name}/deploys", post(deploy))
+        .route("/services/{name}/deploys/{id}", get(read_deploy))
+        .route("/services/{name}/instances", get(instances))
+        .route("/services/{name}/logs", get(logs))
+}
+
+/// The service settings a create, update or deploy may carry.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Settings {
+    #[serde(default)]
+    port: Option<u16>,
+    /// Variables to set (merged over the stored ones).
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    /// Variables to remove.
+    #[serde(default)]
+    unset_env: Vec<String>,
+    #[serde(default)]
+    health_path: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Create {
+    name: String,
+    /// Deploy this image right away (optional).
+    #[serde(default)]
+    image: Option<String>,
+    #[serde(flatten)]
+    settings: Settings,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeployRequest {
+    image: String,
+    /// How long the new revision's first instance gets to become ready ("2m" by default).
+    #[serde(default)]
+    timeout: Option<String>,
+    #[serde(flatten)]
+    settings: Settings,
+}
+
+#[derive(Debug, Serialize)]
+struct View {
+    name: String,
+    url: String,
+    /// None: chosen at deploy (the env's PORT, the image's single exposed port, else 8080).
+    port: Option<u16>,
+    env: BTreeMap<String, String>,
+    health_path: Option<String>,
+    scaling: scaling::View,
+    /// The revision taking the traffic.
+    revision: Option<i64>,
+    image: Option<String>,
+    status: &'static str,
+    instances: Vec<platform::InstanceView>,
+    queued: usize,
+    in_flight: u32,
+    last_error: Option<String>,
+    deploying: Option<i64>,
+    created_at: String,
+    updated_at: String,
+}
+
+impl View {
+    fn new(state: &AppState, s: Service, live: Option<Snapshot>) -> View {
+        let live = live.unwrap_or(Snapshot {
+            revision: None,
+            instances: Vec::new(),
+            queued: 0,
+            in_flight: 0,
+            last_error: None,
+            deploying: None,
+            status: "not-deployed",
+        });
+        View {
+            url: state.url(&s.name),
+            scaling: s.scaling.view(),
+            port: s.port,
+            env: s.env,
+            health_path: s.health_path,
+            revision: s.revision,
+            image: live.revision.as_ref().map(|r| r.image.clone()),
+            status: live.status,
+            instances: live.instances,
+            queued: live.queued,
+            in_flight: live.in_flight,
+            last_error: live.last_error,
+            deploying: live.deploying,
+            created_at: s.created_at,
+            updated_at: s.updated_at,
+            name: s.name,
+        }
+    }
+}
+
+/// Parses a JSON body; serde's message names the field that is missing, unknown or mistyped.
+fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, Error> {
+    serde_json::from_slice(bytes).map_err(|e| Error::BadRequest(format!("invalid JSON body: {e}")))
+}
+
+/// Checks a service name: a DNS label, since the service answers at `<name>.<domain>`.
+pub fn check_name(name: &str) -> Result<(), String> {
+    crate::server::settings::label_problem(name).map_err(|e| {
+        format!("name: {name:?} {e} (a service name is a DNS label: 1-63 lowercase letters, digits and '-', not starting or ending with '-')")
+    })
+}
+
+fn check_env(env: &BTreeMap<String, String>) -> Result<(), String> {
+    for (k, v) in env {
+        if k.is_empty() || k.contains('=') || k.contains('\0') {
+            return Err(format!("env: {k:?} is not a variable name (non-empty, without '=' or NUL)"));
+        }
+        if v.contains('\0') {
+            return Err(format!("env: the value of {k} contains a NUL byte"));
+        }
+    }
+    Ok(())
+}
+
+/// Applies `s` to a service's stored settings, checking each field.
+fn apply(service: &mut Service, s: &Settings) -> Result<(), Error> {
+    if s.port == Some(0) {
+        return Err(Error::BadRequest("port: 0 is not a port (1-65535)".into()));
+    }
+    check_env(&s.env).map_err(Error::BadRequest)?;
+    if let Some(p) = &s.health_path {
+        if !p.is_empty() && (!p.starts_with('/') || p.bytes().any(|b| b <= b' ' || b == 0x7f)) {
+            return Err(Error::BadRequest(format!(
+                "health_path: {p:?} must be an absolute path without spaces or control characters, like /healthz"
+            )));
+        }
+        service.health_path = if p.is_empty() { None } else { Some(p.clone()) };
+    }
+    if s.port.is_some() {
+        service.port = s.port;
+    }
+    for k in &s.unset_env {
+        service.env.remove(k);
+    }
+    service.env.extend(s.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    if let Some(v) = service.env.get("PORT") {
+        if !matches!(v.parse::<u16>(), Ok(p) if p > 0) {
+            return Err(Error::BadRequest(format!("env: PORT={v:?} is not a port number (1-65535)")));
+        }
+    }
+    Ok(())
+}
+
+fn parse_image(image: &str) -> Result<berth_agent::reference::Reference, Error> {
+    image.parse().map_err(|e| Error::BadRequest(format!("image: {e}")))
+}
+
+/// Creates a service (stored and live); 409 if the name is taken.
+async fn insert(state: &AppState, name: &str, settings: &Settings) -> Result<Service, Error> {
+    check_name(name).map_err(Error::BadRequest)?;
+    let now = db::now();
+    let mut service = Service {
+        id: 0,
+        name: name.to_string(),
+        port: None,
+        env: BTreeMap::new(),
+        health_path: None,
+        scaling: Scaling::default(),
+        revision: None,
+        created_at: now.clone(),
+        updated_at: now,
+    };
+    apply(&mut service, settings)?;
+    match db::insert_service(&state.db, &service).await {
+        Ok(id) => service.id = id,
+        Err(InsertError::Duplicate) => return Err(Error::Conflict(format!("service {name:?} already exists"))),
+        Err(InsertError::Other(e)) => return Err(e.into()),
+    }
+    let live = platform::Service::new(service.name.clone(), service.id, service.scaling, None, state.actions.clone());
+    state.platform.insert(live);
+    tracing::info!(service = %name, "service created");
+    Ok(service)
+}
+
+async fn create(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    bytes: Bytes,
+) -> Result<(StatusCode, Json<View>), Error> {
+    let req: Create = body(&bytes)?;
+    let image = req.image.as_deref().map(parse_image).transpose()?;
+    let service = insert(&state, &req.name, &req.settings).await?;
+    if let Some(image) = image {
+        start_deploy(&state, service.clone(), image, &caller.0, crate::server::deploy::READY_TIMEOUT).await?;
+    }
+    let view = view(&state, &req.name).await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+async fn list(State(state): State<AppState>) -> Result<Json<serde_json::Value>, Error> {
+    let services: Vec<View> = db::list_services(&state.db)
+        .await?
+        .into_iter()
+        .map(|s| {
+            let live = state.platform.get(&s.name).map(|l| l.snapshot());
+            View::new(&state, s, live)
+        })
+        .collect();
+    Ok(Json(serde_json::json!({ "services": services })))
+}
+
+async fn find(state: &AppState, name: &str) -> Result<Service, Error> {
+    db::get_service(&state.db, name).await?.ok_or_else(|| Error::NotFound(format!("no service named {name:?}")))
+}
+
+async fn view(state: &AppState, name: &str) -> Result<View, Error> {
+    let s = find(state, name).await?;
+    let live = state.platform.get(name).map(|l| l.snapshot());
+    Ok(View::new(state, s, live))
+}
+
+async fn read(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<View>, Error> {
+    Ok(Json(view(&state, &name).await?))
+}
+
+/// Changes what the next deploy uses (port, env, health path); the running revision is not
+/// touched.
+async fn update(State(state): State<AppState>, Path(name): Path<String>, bytes: Bytes) -> Result<Json<View>, Error> {
+    let settings: Settings = body(&bytes)?;
+    let mut service = find(&state, &name).await?;
+    apply(&mut service, &settings)?;
+    db::set_service_config(&state.db, service.id, service.port, &service.env, service.health_path.as_deref()).await?;
+    Ok(Json(view(&state, &name).await?))
+}
+
+async fn set_scaling(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    bytes: Bytes,
+) -> Result<Json<View>, Error> {
+    let patch: scaling::Patch = body(&bytes)?;
+    let service = find(&state, &name).await?;
+    let scaling = service.scaling.apply(&patch).map_err(Error::BadRequest)?;
+    if !db::set_scaling(&state.db, &name, &scaling).await? {
+        return Err(Error::NotFound(format!("no service named {name:?}")));
+    }
+    if let Some(live) = state.platform.get(&name) {
+        live.set_scaling(scaling);
+    }
+    tracing::info!(service = %name, "scaling changed");
+    Ok(Json(view(&state, &name).await?))
+}
+
+async fn remove(State(state): State<AppState>, Path(name): Path<String>) -> Result<StatusCode, Error> {
+    if !db::delete_service(&state.db, &name).await? {
+        return Err(Error::NotFound(format!("no service named {name:?}")));
+    }
+    if let Some(live) = state.platform.remove(&name) {
+        live.delete();
+    }
+    let _ = std::fs::remove_dir_all(crate::server::instance::log_dir(&state.data_dir, &name));
+    tracing::info!(service = %name, "service deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct DeployQuery {
+    #[serde(default)]
+    wait: Option<String>,
+}
+
+fn truthy(v: &Option<String>) -> bool {
+    matches!(v.as_deref(), Some("" | "1" | "true" | "yes"))
+}
+
+/// Records a deploy and starts it in its own task; returns its id and its event stream.
+async fn start_deploy(
+    state: &AppState,
+    service: Service,
+    image: berth_agent::reference::Reference,
+    caller: &str,
+    timeout: Duration,
+) -> Result<
+    (i64, tokio::sync::mpsc::UnboundedReceiver<crate::server::deploy::Event>, tokio::task::JoinHandle<db::Deploy>),
+    Error,
+> {
+    let live = state
+        .platform
+        .get(&service.name)
+        .ok_or_else(|| Error::NotFound(format!("no service named {:?}", service.name)))?;
+    let id = db::insert_deploy(&state.db, service.id, &image.to_string(), caller).await?;
+    if let Err(other) = live.begin_deploy(id) {
+        db::update_deploy(&state.db, id, "failed", None, Some("another deploy was running"), true).await?;
+        return Err(Error::Conflict(format!(
+            "deploy {other} of service {} is still running; wait for it to finish",
+            service.name
+        )));
+    }
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let handle = tokio::spawn(crate::server::deploy::run(state.clone(), service, live, id, image, timeout, tx));
+    Ok((id, rx, handle))
+}
+
+/// `POST /services/{name}/deploys`: deploys an image, creating the service if needed.
+/// Answers 202 with the deploy at once; with `?wait=true` once it served or failed (200, or 422
+/// with the reason); with `Accept: application/x-ndjson` as a stream of events, the last one
+/// the finished deploy.
+async fn deploy(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+    Query(q): Query<DeployQuery>,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> Result<Response, Error> {
+    let req: DeployRequest = body(&bytes)?;
+    let image = parse_image(&req.image)?;
+    let timeout = match &req.timeout {
+        Some(t) => {
+            Duration::from_millis(scaling::parse_duration(t).map_err(|e| Error::BadRequest(format!("timeout: {e}")))?)
+        }
+        None => crate::server::deploy::READY_TIMEOUT,
+    };
+    let service = match db::get_service(&state.db, &name).await? {
+        Some(mut s) => {
+            apply(&mut s, &req.settings)?;
+            db::set_service_config(&state.db, s.id, s.port, &s.env, s.health_path.as_deref()).await?;
+            s
+        }
+        None => insert(&state, &name, &req.settings).await?,
+    };
+    let (id, mut events, handle) = start_deploy(&state, service, image, &caller.0, timeout).await?;
+    let stream =
+        headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("application/x-ndjson"));
+    if stream {
+        let body = async_stream(move |tx| async move {
+            while let Some(ev) = events.recv().await {
+                let mut line = serde_json::to_vec(&ev).expect("events serialise");
+                line.push(b'\n');
+                if tx.send(Bytes::from(line)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        return Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response());
+    }
+    if truthy(&q.wait) {
+        let deploy = handle.await.map_err(|e| anyhow::anyhow!("the deploy task failed: {e}"))?;
+        if deploy.status == "succeeded" {
+            return Ok(Json(deploy).into_response());
+        }
+        return Ok((StatusCode::UNPROCESSABLE_ENTITY, Json(deploy)).into_response());
+    }
+    let deploy = db::get_deploy(&state.db, &name, id).await?.ok_or_else(|| anyhow::anyhow!("deploy {id} vanished"))?;
+    Ok((StatusCode::ACCEPTED, Json(deploy)).into_response())
+}
+
+async fn read_deploy(
+    State(state): State<AppState>,
+    Path((name, id)): Path<(String, i64)>,
+) -> Result<Json<db::Deploy>, Error> {
+    find(&state, &name).await?;
+    db::get_deploy(&state.db, &name, id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| Error::NotFound(format!("service {name:?} has no deploy {id}")))
+}
+
+async fn instances(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<serde_json::Value>, Error> {
+    find(&state, &name).await?;
+    let snap = state.platform.get(&name).map(|l| l.snapshot());
+    Ok(Json(serde_json::json!({ "instances": snap.map(|s| s.instances).unwrap_or_default() })))
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct LogQuery {
+    #[serde(default)]
+    follow: Option<String>,
+    #[serde(default)]
+    tail: Option<usize>,
+}
+
+/// `GET /services/{name}/logs`: the output of the service's instances, stopped ones included
+/// (the last 20 kept), as NDJSON lines `{"time", "instance", "stream", "line"}` ordered by time;
+/// `?tail=N` keeps the last N; `?follow=true` then streams new lines as they are written.
+async fn logs(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> Result<Response, Error> {
+    find(&state, &name).await?;
+    let follow = truthy(&q.follow);
+    let tail = q.tail;
+    let st = state.clone();
+    let body = async_stream(move |tx| async move {
+        let mut logs = super::super::logs::ServiceLogs::new(st.engine.clone(), st.data_dir.clone(), name.clone());
+        let first = tokio::task::spawn_blocking({
+            let mut l = std::mem::replace(&mut logs, super::super::logs::ServiceLogs::empty());
+            move || {
+                let lines = l.read_all(tail);
+                (l, lines)
+            }
+        })
+        .await;
+        let Ok((l, lines)) = first else { return };
+        logs = l;
+        for line in lines {
+            if tx.send(line.to_ndjson()).await.is_err() {
+                return;
+            }
+        }
+        if !follow {
+            return;
+        }
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let polled = tokio::task::spawn_blocking({
+                let mut l = std::mem::replace(&mut logs, super::super::logs::ServiceLogs::empty());
+                move || {
+                    let lines = l.poll();
+                    (l, lines)
+                }
+            })
+            .await;
+            let Ok((l, lines)) = polled else { return };
+            logs = l;
+            for line in lines {
+                if tx.send(line.to_ndjson()).await.is_err() {
+                    return;
+                }
+            }
+            if st.platform.get(&name).is_none() {
+                return;
+            }
+        }
+    });
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
+}
+
+/// A streamed body fed by `f` through a channel; the stream ends when `f` returns.
+fn async_stream<F, Fut>(f: F) -> Body
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Bytes>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    tokio::spawn(f(tx));
+    let stream =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx)) });
+    Body::from_stream(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["a", "hello", "my-app-2", "0day", &"x".repeat(63)] {
+            assert_eq!(check_name(ok), Ok(()), "{ok}");
+        }
+        let bad: &[(&str, &str)] = &[
+            ("", "is empty"),
+            ("Hello", "contains 'H'"),
+            ("my_app", "contains '_'"),
+            ("a.b", "contains '.'"),
+            ("-a", "starts or ends with '-'"),
+            ("a-", "starts or ends with '-'"),
+            (&"x".repeat(64), "64 characters long"),
+        ];
+        for (name, want) in bad {
+            let err = check_name(name).unwrap_err();
+            assert!(err.starts_with("name: ") && err.contains(want), "{name:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn envs() {
+        let env = |k: &str, v: &str| BTreeMap::from([(k.to_string(), v.to_string())]);
+        assert_eq!(check_env(&env("PORT", "8080")), Ok(()));
+        assert!(check_env(&env("", "x")).unwrap_err().starts_with("env: "));
+        assert!(check_env(&env("A=B", "x")).unwrap_err().contains("\"A=B\""));
+        assert!(check_env(&env("A", "x\0")).unwrap_err().contains("NUL"));
+    }
+}

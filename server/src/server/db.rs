@@ -1,0 +1,395 @@
+//! The control plane's state in SQLite (`<data-dir>/berth.db`): opening it, applying the
+//! embedded migrations, and the queries on services, revisions, deploys and tokens.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::Context;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow};
+use sqlx::Row;
+
+use super::scaling::Scaling;
+
+/// The database file under the data directory.
+pub const FILE: &str = "berth.db";
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// Opens (creating it if needed) the database and applies pending migrations.
+pub async fn open(data_dir: &Path) -> anyhow::Result<SqlitePool> {
+    let path = data_dir.join(FILE);
+    let options = SqliteConnectOptions::new()
+        .filename(&path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .foreign_keys(true)
+        .busy_timeout(std::time::Duration::from_secs(5));
+    let pool = SqlitePoolOptions::new()
+        .max_connections(4)
+        .connect_with(options)
+        .await
+        .with_context(|| format!("opening {}", path.display()))?;
+    MIGRATOR.run(&pool).await.with_context(|| format!("applying migrations to {}", path.display()))?;
+    Ok(pool)
+}
+
+/// A service as stored: what the next deploy uses, and its scaling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub id: i64,
+    pub name: String,
+    pub port: Option<u16>,
+    pub env: BTreeMap<String, String>,
+    pub health_path: Option<String>,
+    pub scaling: Scaling,
+    /// The revision taking the traffic.
+    pub revision: Option<i64>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+const SERVICE_COLUMNS: &str = "id, name, port, env, health_path, min, max, concurrency, freeze_after_ms, \
+                               stop_after_ms, request_timeout_ms, queue, revision, created_at, updated_at";
+
+fn env_from(name: &str, text: &str) -> anyhow::Result<BTreeMap<String, String>> {
+    serde_json::from_str(text).with_context(|| format!("service {name}: stored env is not a JSON object"))
+}
+
+fn service_from_row(row: &SqliteRow) -> anyhow::Result<Service> {
+    let name: String = row.try_get("name")?;
+    let env: String = row.try_get("env")?;
+    let env = env_from(&name, &env)?;
+    let port: Option<i64> = row.try_get("port")?;
+    let int = |col: &str| -> anyhow::Result<i64> { Ok(row.try_get::<i64, _>(col)?) };
+    let u32_of = |col: &str| -> anyhow::Result<u32> {
+        let v = int(col)?;
+        u32::try_from(v).with_context(|| format!("service {name}: stored {col} {v} is out of range"))
+    };
+    let u64_of = |col: &str| -> anyhow::Result<u64> {
+        let v = int(col)?;
+        u64::try_from(v).with_context(|| format!("service {name}: stored {col} {v} is out of range"))
+    };
+    Ok(Service {
+        id: row.try_get("id")?,
+        port: port.map(u16::try_from).transpose().with_context(|| format!("service {name}: stored port"))?,
+        env,
+        health_path: row.try_get("health_path")?,
+        scaling: Scaling {
+            min: u32_of("min")?,
+            max: u32_of("max")?,
+            concurrency: u32_of("concurrency")?,
+            freeze_after_ms: u64_of("freeze_after_ms")?,
+            stop_after_ms: u64_of("stop_after_ms")?,
+            request_timeout_ms: u64_of("request_timeout_ms")?,
+            queue: u32_of("queue")?,
+        },
+        revision: row.try_get("revision")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        name,
+    })
+}
+
+pub fn now() -> String {
+    time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap_or_else(|_| time::OffsetDateTime::now_utc())
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("formatting the current time")
+}
+
+/// Why an insert failed.
+#[derive(Debug)]
+pub enum InsertError {
+    Duplicate,
+    Other(anyhow::Error),
+}
+
+/// Inserts a new service; returns its id.
+pub async fn insert_service(pool: &SqlitePool, s: &Service) -> Result<i64, InsertError> {
+    let env = serde_json::to_string(&s.env).map_err(|e| InsertError::Other(e.into()))?;
+    let sc = &s.scaling;
+    let result = sqlx::query(
+        "INSERT INTO services (name, port, env, health_path, min, max, concurrency, freeze_after_ms, \
+         stop_after_ms, request_timeout_ms, queue, revision, created_at, updated_at) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?)",
+    )
+    .bind(&s.name)
+    .bind(s.port.map(i64::from))
+    .bind(env)
+    .bind(&s.health_path)
+    .bind(i64::from(sc.min))
+    .bind(i64::from(sc.max))
+    .bind(i64::from(sc.concurrency))
+    .bind(sc.freeze_after_ms as i64)
+    .bind(sc.stop_after_ms as i64)
+    .bind(sc.request_timeout_ms as i64)
+    .bind(i64::from(sc.queue))
+    .bind(&s.created_at)
+    .bind(&s.updated_at)
+    .execute(pool)
+    .await;
+    match result {
+        Ok(r) => Ok(r.last_insert_rowid()),
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(InsertError::Duplicate),
+        Err(e) => Err(InsertError::Other(anyhow::Error::new(e).context(format!("inserting service {}", s.name)))),
+    }
+}
+
+pub async fn get_service(pool: &SqlitePool, name: &str) -> anyhow::Result<Option<Service>> {
+    let row = sqlx::query(&format!("SELECT {SERVICE_COLUMNS} FROM services WHERE name = ?"))
+        .bind(name)
+        .fetch_optional(pool)
+        .await
+        .with_context(|| format!("reading service {name}"))?;
+    row.as_ref().map(service_from_row).transpose()
+}
+
+pub async fn list_services(pool: &SqlitePool) -> anyhow::Result<Vec<Service>> {
+    let rows = sqlx::query(&format!("SELECT {SERVICE_COLUMNS} FROM services ORDER BY name"))
+        .fetch_all(pool)
+        .await
+        .context("listing services")?;
+    rows.iter().map(service_from_row).collect()
+}
+
+/// Sets what the next deploy of a service uses.
+pub async fn set_service_config(
+    pool: &SqlitePool,
+    id: i64,
+    port: Option<u16>,
+    env: &BTreeMap<String, String>,
+    health_path: Option<&str>,
+) -> anyhow::Result<()> {
+    sqlx::query("UPDATE services SET port = ?, env = ?, health_path = ?, updated_at = ? WHERE id = ?")
+        .bind(port.map(i64::from))
+        .bind(serde_json::to_string(env)?)
+        .bind(health_path)
+        .bind(now())
+        .bind(id)
+        .execute(pool)
+        .await
+        .context("updating a service")?;
+    Ok(())
+}
+
+/// Sets a service's scaling; false if there is no such service.
+pub async fn set_scaling(pool: &SqlitePool, name: &str, sc: &Scaling) -> anyhow::Result<bool> {
+    let done = sqlx::query(
+        "UPDATE services SET min = ?, max = ?, concurrency = ?, freeze_after_ms = ?, stop_after_ms = ?, \
+         request_timeout_ms = ?, queue = ?, updated_at = ? WHERE name = ?",
+    )
+    .bind(i64::from(sc.min))
+    .bind(i64::from(sc.max))
+    .bind(i64::from(sc.concurrency))
+    .bind(sc.freeze_after_ms as i64)
+    .bind(sc.stop_after_ms as i64)
+    .bind(sc.request_timeout_ms as i64)
+    .bind(i64::from(sc.queue))
+    .bind(now())
+    .bind(name)
+    .execute(pool)
+    .await
+    .with_context(|| format!("updating the scaling of service {name}"))?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Deletes a service (and, by cascade, its revisions and deploys); false if there is none.
+pub async fn delete_service(pool: &SqlitePool, name: &str) -> anyhow::Result<bool> {
+    let done = sqlx::query("DELETE FROM services WHERE name = ?")
+        .bind(name)
+        .execute(pool)
+        .await
+        .with_context(|| format!("deleting service {name}"))?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// A revision as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revision {
+    pub number: i64,
+    pub image: String,
+    pub image_id: String,
+    pub port: u16,
+    pub env: BTreeMap<String, String>,
+    pub health_path: Option<String>,
+    pub created_at: String,
+}
+
+fn revision_from_row(row: &SqliteRow) -> anyhow::Result<Revision> {
+    let env: String = row.try_get("env")?;
+    let port: i64 = row.try_get("port")?;
+    Ok(Revision {
+        number: row.try_get("number")?,
+        image: row.try_get("image")?,
+        image_id: row.try_get("image_id")?,
+        port: u16::try_from(port).context("stored revision port")?,
+        env: env_from("revision", &env)?,
+        health_path: row.try_get("health_path")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+pub async fn get_revision(pool: &SqlitePool, service_id: i64, number: i64) -> anyhow::Result<Option<Revision>> {
+    let row = sqlx::query(
+        "SELECT number, image, image_id, port, env, health_path, created_at FROM revisions \
+         WHERE service_id = ? AND number = ?",
+    )
+    .bind(service_id)
+    .bind(number)
+    .fetch_optional(pool)
+    .await
+    .context("reading a revision")?;
+    row.as_ref().map(revision_from_row).transpose()
+}
+
+/// Records a new revision of a service; returns it with its number (one more than the last).
+pub async fn insert_revision(
+    pool: &SqlitePool,
+    service_id: i64,
+    image: &str,
+    image_id: &str,
+    port: u16,
+    env: &BTreeMap<String, String>,
+    health_path: Option<&str>,
+) -> anyhow::Result<Revision> {
+    let created_at = now();
+    let row = sqlx::query(
+        "INSERT INTO revisions (service_id, number, image, image_id, port, env, health_path, created_at) \
+         VALUES (?, (SELECT COALESCE(MAX(number), 0) + 1 FROM revisions WHERE service_id = ?), ?, ?, ?, ?, ?, ?) \
+         RETURNING number",
+    )
+    .bind(service_id)
+    .bind(service_id)
+    .bind(image)
+    .bind(image_id)
+    .bind(i64::from(port))
+    .bind(serde_json::to_string(env)?)
+    .bind(health_path)
+    .bind(&created_at)
+    .fetch_one(pool)
+    .await
+    .context("recording a revision")?;
+    Ok(Revision {
+        number: row.try_get("number")?,
+        image: image.to_string(),
+        image_id: image_id.to_string(),
+        port,
+        env: env.clone(),
+        health_path: health_path.map(str::to_string),
+        created_at,
+    })
+}
+
+pub async fn set_current_revision(pool: &SqlitePool, service_id: i64, number: i64) -> anyhow::Result<()> {
+    sqlx::query("UPDATE services SET revision = ?, updated_at = ? WHERE id = ?")
+        .bind(number)
+        .bind(now())
+        .bind(service_id)
+        .execute(pool)
+        .await
+        .context("switching the revision")?;
+    Ok(())
+}
+
+/// A deploy as stored.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Deploy {
+    pub id: i64,
+    pub service: String,
+    pub revision: Option<i64>,
+    pub image: String,
+    pub status: String,
+    pub error: Option<String>,
+    pub created_at: String,
+    pub finished_at: Option<String>,
+}
+
+pub async fn insert_deploy(pool: &SqlitePool, service_id: i64, image: &str, token: &str) -> anyhow::Result<i64> {
+    let r = sqlx::query(
+        "INSERT INTO deploys (service_id, image, status, token, created_at) VALUES (?, ?, 'pending', ?, ?)",
+    )
+    .bind(service_id)
+    .bind(image)
+    .bind(token)
+    .bind(now())
+    .execute(pool)
+    .await
+    .context("recording a deploy")?;
+    Ok(r.last_insert_rowid())
+}
+
+pub async fn update_deploy(
+    pool: &SqlitePool,
+    id: i64,
+    status: &str,
+    revision: Option<i64>,
+    error: Option<&str>,
+    finished: bool,
+) -> anyhow::Result<()> {
+    sqlx::query(
+        "UPDATE deploys SET status = ?, revision = COALESCE(?, revision), error = ?, \
+         finished_at = CASE WHEN ? THEN ? ELSE finished_at END WHERE id = ?",
+    )
+    .bind(status)
+    .bind(revision)
+    .bind(error)
+    .bind(finished)
+    .bind(now())
+    .bind(id)
+    .execute(pool)
+    .await
+    .context("updating a deploy")?;
+    Ok(())
+}
+
+pub async fn get_deploy(pool: &SqlitePool, service: &str, id: i64) -> anyhow::Result<Option<Deploy>> {
+    let row = sqlx::query(
+        "SELECT d.id, s.name, d.revision, d.image, d.status, d.error, d.created_at, d.finished_at \
+         FROM deploys d JOIN services s ON s.id = d.service_id WHERE s.name = ? AND d.id = ?",
+    )
+    .bind(service)
+    .bind(id)
+    .fetch_optional(pool)
+    .await
+    .context("reading a deploy")?;
+    row.map(|r| -> anyhow::Result<Deploy> {
+        Ok(Deploy {
+            id: r.try_get(0)?,
+            service: r.try_get(1)?,
+            revision: r.try_get(2)?,
+            image: r.try_get(3)?,
+            status: r.try_get(4)?,
+            error: r.try_get(5)?,
+            created_at: r.try_get(6)?,
+            finished_at: r.try_get(7)?,
+        })
+    })
+    .transpose()
+}
+
+/// Records the hash of the token called `name`, replacing the one it had.
+pub async fn ensure_token(pool: &SqlitePool, name: &str, hash: &str, scope: &str) -> anyhow::Result<()> {
+    sqlx::query(
+        "INSERT INTO tokens (name, hash, scope, created_at) VALUES (?, ?, ?, ?) \
+         ON CONFLICT(name) DO UPDATE SET hash = excluded.hash, scope = excluded.scope",
+    )
+    .bind(name)
+    .bind(hash)
+    .bind(scope)
+    .bind(now())
+    .execute(pool)
+    .await
+    .with_context(|| format!("recording token {name}"))?;
+    Ok(())
+}
+
+/// The scope of the token whose hash is `hash`, if there is one.
+pub async fn token_scope(pool: &SqlitePool, hash: &str) -> anyhow::Result<Option<String>> {
+    let row = sqlx::query("SELECT scope FROM tokens WHERE hash = ?")
+        .bind(hash)
+        .fetch_optional(pool)
+        .await
+        .context("looking up a token")?;
+    Ok(row.map(|r| r.get("scope")))
+}

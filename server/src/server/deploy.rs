@@ -1,0 +1,185 @@
+//! A deploy of an image reference: pull it (pinning the tag to the image id), choose the port,
+//! record an immutable revision, start one instance of it and wait until it is ready, then move
+//! the traffic to it atomically. If anything fails the serving revision keeps serving and the
+//! deploy records why.
+//!
+//! A deploy runs in its own task: a client that stops waiting does not cancel it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_agent::image::Progress;
+use berth_agent::reference::Reference;
+use tokio::sync::{mpsc, oneshot};
+
+use super::api::AppState;
+use super::db;
+use super::platform::{self, Service};
+
+/// How long a new revision's first instance gets to become ready, unless the deploy says.
+/// Instances started for held requests get as long.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What a deploy reports as it goes (streamed to `berth deploy` as NDJSON).
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(tag = "event", rename_all = "lowercase")]
+pub enum Event {
+    Progress { message: String },
+    Done { deploy: db::Deploy },
+}
+
+/// The port a revision listens on: the service's configured port, else its `PORT` env, else
+/// the image's single exposed TCP port, else 8080.
+pub fn choose_port(
+    configured: Option<u16>,
+    env: &std::collections::BTreeMap<String, String>,
+    exposed: &[String],
+) -> Result<u16, String> {
+    if let Some(p) = configured {
+        return Ok(p);
+    }
+    if let Some(v) = env.get("PORT") {
+        return match v.parse::<u16>() {
+            Ok(p) if p > 0 => Ok(p),
+            _ => Err(format!("env PORT={v:?} is not a port number (1-65535)")),
+        };
+    }
+    let tcp: Vec<u16> = exposed.iter().filter_map(|p| p.strip_suffix("/tcp")).filter_map(|p| p.parse().ok()).collect();
+    Ok(if tcp.len() == 1 { tcp[0] } else { 8080 })
+}
+
+/// Runs deploy `id` of `image` for `service`; sends events to `events` (if anyone listens) and
+/// returns the deploy as recorded at the end.
+pub async fn run(
+    state: AppState,
+    service: db::Service,
+    live: Arc<Service>,
+    id: i64,
+    image: Reference,
+    timeout: Duration,
+    events: mpsc::UnboundedSender<Event>,
+) -> db::Deploy {
+    let span = tracing::info_span!("deploy", service = %service.name, deploy = id, image = %image);
+    let _e = span.enter();
+    let outcome = steps(&state, &service, &live, id, &image, timeout, &events).await;
+    let (status, revision, error) = match &outcome {
+        Ok(n) => ("succeeded", Some(*n), None),
+        Err(e) => ("failed", None, Some(e.as_str())),
+    };
+    match &outcome {
+        Ok(n) => tracing::info!(revision = n, "deploy succeeded"),
+        Err(e) => tracing::warn!(error = %e, "deploy failed"),
+    }
+    live.end_deploy();
+    if let Err(e) = db::update_deploy(&state.db, id, status, revision, error, true).await {
+        tracing::error!(error = %format!("{e:#}"), "recording the end of a deploy");
+    }
+    let deploy = match db::get_deploy(&state.db, &service.name, id).await {
+        Ok(Some(d)) => d,
+        _ => db::Deploy {
+            id,
+            service: service.name.clone(),
+            revision,
+            image: image.to_string(),
+            status: status.into(),
+            error: error.map(str::to_string),
+            created_at: db::now(),
+            finished_at: Some(db::now()),
+        },
+    };
+    let _ = events.send(Event::Done { deploy: deploy.clone() });
+    deploy
+}
+
+async fn steps(
+    state: &AppState,
+    service: &db::Service,
+    live: &Arc<Service>,
+    id: i64,
+    reference: &Reference,
+    timeout: Duration,
+    events: &mpsc::UnboundedSender<Event>,
+) -> Result<i64, String> {
+    let say = |m: String| {
+        let _ = events.send(Event::Progress { message: m });
+    };
+    db::update_deploy(&state.db, id, "pulling", None, None, false).await.map_err(|e| format!("{e:#}"))?;
+    say(format!("pulling {reference}"));
+    // The store's pull future is not `Send` (a borrow held across an await inside it), so it
+    // runs to completion on a blocking thread instead of moving between workers.
+    let image = {
+        let (engine, r) = (state.engine.clone(), reference.clone());
+        let handle = tokio::runtime::Handle::current();
+        let events = events.clone();
+        tokio::task::spawn_blocking(move || {
+            let say = |m: String| {
+                let _ = events.send(Event::Progress { message: m });
+            };
+            let progress = |p: Progress| match p {
+                Progress::Resolved { digest, layers, total_size, .. } => {
+                    say(format!("resolved to {digest} ({layers} layers, {})", crate::cli::human_size(total_size)))
+                }
+                Progress::LayerStarted { digest, size, .. } => {
+                    say(format!("{}: downloading {}", digest.short(), crate::cli::human_size(size)))
+                }
+                Progress::LayerUnpacked { digest, .. } => say(format!("{}: unpacked", digest.short())),
+                _ => {}
+            };
+            handle.block_on(engine.images().pull(&r, &progress))
+        })
+        .await
+        .map_err(|e| format!("pulling {reference}: the pull task failed: {e}"))?
+        .map_err(|e| format!("pulling {reference}: {e}"))?
+    };
+    let port = choose_port(service.port, &service.env, &image.config.exposed_ports)?;
+    let rev = db::insert_revision(
+        &state.db,
+        service.id,
+        &reference.to_string(),
+        &image.id.to_string(),
+        port,
+        &service.env,
+        service.health_path.as_deref(),
+    )
+    .await
+    .map_err(|e| format!("{e:#}"))?;
+    db::update_deploy(&state.db, id, "starting", Some(rev.number), None, false).await.map_err(|e| format!("{e:#}"))?;
+    say(format!("revision {} ({}): starting an instance on port {port}", rev.number, image.id.short()));
+    let revision = platform::Revision {
+        number: rev.number,
+        image: rev.image.clone(),
+        image_id: rev.image_id.clone(),
+        port,
+        env: rev.env.clone(),
+        health_path: rev.health_path.clone(),
+    };
+    let (tx, rx) = oneshot::channel();
+    live.start_candidate(revision.clone(), timeout, tx);
+    match rx.await {
+        Ok(Ok(())) => {}
+        Ok(Err(reason)) => return Err(format!("revision {} did not become ready: {reason}", rev.number)),
+        Err(_) => return Err(format!("revision {}: the start was abandoned (server stopping?)", rev.number)),
+    }
+    db::set_current_revision(&state.db, service.id, rev.number).await.map_err(|e| format!("{e:#}"))?;
+    live.switch(revision);
+    say(format!("revision {} is serving at {}", rev.number, state.url(&service.name)));
+    Ok(rev.number)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_choice() {
+        let env = |kv: &[(&str, &str)]| kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let ports = |p: &[&str]| p.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(choose_port(Some(9000), &env(&[("PORT", "1")]), &ports(&["80/tcp"])), Ok(9000));
+        assert_eq!(choose_port(None, &env(&[("PORT", "3000")]), &ports(&["80/tcp"])), Ok(3000));
+        assert_eq!(choose_port(None, &env(&[]), &ports(&["80/tcp"])), Ok(80));
+        assert_eq!(choose_port(None, &env(&[]), &ports(&["80/tcp", "443/tcp"])), Ok(8080));
+        assert_eq!(choose_port(None, &env(&[]), &ports(&["53/udp"])), Ok(8080));
+        assert_eq!(choose_port(None, &env(&[]), &[]), Ok(8080));
+        assert!(choose_port(None, &env(&[("PORT", "http")]), &[]).unwrap_err().contains("PORT"));
+    }
+}

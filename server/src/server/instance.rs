@@ -1,0 +1,328 @@
+//! The slow half of scaling: carries out the [`Action`]s that [`super::platform`] decides
+//! under its locks — start a container of a revision and wait until it is really ready, freeze,
+//! thaw, stop, check — and reports each outcome back through the service's `on_*` methods.
+//!
+//! Engine calls are blocking (they spawn shims, read and write files): each runs in
+//! `spawn_blocking`, never on the request path's executor threads.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use berth_agent::{Engine, RunOptions};
+use tokio::sync::mpsc;
+
+use super::platform::{Action, Revision, Service};
+
+/// Container labels that tie a container to its service and revision (for re-adoption).
+pub const LABEL_SERVICE: &str = "berth.service";
+pub const LABEL_REVISION: &str = "berth.revision";
+
+/// How long a stopping instance gets between its stop signal and SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+/// Log lines quoted in a start failure.
+const LOG_TAIL: usize = 10;
+/// Logs of stopped instances kept per service.
+const KEEP_LOGS: usize = 20;
+
+#[derive(Clone)]
+pub struct Executor {
+    pub engine: Arc<Engine>,
+    pub data_dir: PathBuf,
+}
+
+impl Executor {
+    /// Runs every action as its own task, so a slow start never delays a thaw.
+    pub async fn run(self, mut actions: mpsc::UnboundedReceiver<Action>) {
+        while let Some(a) = actions.recv().await {
+            let me = self.clone();
+            tokio::spawn(async move { me.perform(a).await });
+        }
+    }
+
+    async fn perform(&self, a: Action) {
+        match a {
+            Action::Start { svc, slot, revision, timeout, notify } => {
+                let t0 = Instant::now();
+                let result = self.start(&svc, slot, &revision, timeout).await;
+                match &result {
+                    Ok(addr) => tracing::info!(service = %svc.name, revision = revision.number, %addr,
+                        ms = t0.elapsed().as_millis() as u64, "instance ready"),
+                    Err(e) => tracing::warn!(service = %svc.name, revision = revision.number, reason = %e,
+                        "instance failed to start"),
+                }
+                if let Err(reason) = &result {
+                    svc.on_start_failed(slot, reason);
+                }
+                if let Some(n) = notify {
+                    let _ = n.send(result.map(|_| ()));
+                }
+            }
+            Action::Freeze { svc, slot, container } => {
+                let ok = self.blocking(move |e| e.freeze(&container).map_err(|e| e.to_string())).await;
+                if let Err(e) = &ok {
+                    tracing::warn!(service = %svc.name, error = %e, "freezing an instance failed");
+                } else {
+                    tracing::debug!(service = %svc.name, slot, "instance frozen");
+                }
+                svc.on_frozen(slot, ok.is_ok());
+            }
+            Action::Thaw { svc, slot, container } => {
+                self.blocking(move |e| e.thaw(&container)).await;
+                svc.on_thawed(slot);
+            }
+            Action::Stop { svc, slot, container } => {
+                if let Some(c) = container {
+                    let name = svc.name.clone();
+                    let dir = self.data_dir.clone();
+                    self.blocking(move |e| retire(e, &dir, &name, &c)).await;
+                }
+                tracing::info!(service = %svc.name, slot, "instance stopped");
+                svc.on_stopped(slot);
+            }
+            Action::Check { svc, slot, container } => {
+                let c2 = container.clone();
+                let dead = self
+                    .blocking(move |e| match e.get(&c2) {
+                        Ok(c) if c.is_running() => None,
+                        Ok(c) => Some(format!("{}{}", c.state.describe_exit(), log_tail(e, &c.id))),
+                        Err(err) => Some(err.to_string()),
+                    })
+                    .await;
+                if let Some(reason) = dead {
+                    svc.on_dead(slot, &reason);
+                    let name = svc.name.clone();
+                    let dir = self.data_dir.clone();
+                    self.blocking(move |e| retire_with(e, &dir, &name, &container, Duration::ZERO)).await;
+                }
+            }
+        }
+    }
+
+    async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(&Engine) -> T + Send + 'static) -> T {
+        let engine = self.engine.clone();
+        tokio::task::spawn_blocking(move || f(&engine)).await.expect("an engine call panicked")
+    }
+
+    /// Starts a container of `rev` and waits until it is ready: its port accepts connections,
+    /// then its health path (if any) answers 2xx. Returns its address, or why it failed.
+    async fn start(
+        &self,
+        svc: &Arc<Service>,
+        slot: u64,
+        rev: &Arc<Revision>,
+        timeout: Duration,
+    ) -> Result<SocketAddr, String> {
+        let deadline = Instant::now() + timeout;
+        let (name, r) = (svc.name.clone(), rev.clone());
+        let started = self
+            .blocking(move |e| -> Result<(String, Option<std::net::Ipv4Addr>), String> {
+                let image = e
+                    .images()
+                    .get(&r.image_id)
+                    .map_err(|err| format!("image {} ({}) is not in the store: {err}", r.image, r.image_id))?;
+                let (c, _) = e.run(&image, &r.image, run_options(&name, &r), false).map_err(|err| err.to_string())?;
+                Ok((c.id.clone(), c.state.ip()))
+            })
+            .await?;
+        let (id, ip) = started;
+        svc.on_created(slot, &id);
+        let result = match ip {
+            Some(ip) => self.wait_ready(&id, SocketAddr::new(ip.into(), rev.port), rev, deadline, timeout).await,
+            None => Err("the container has no network address".to_string()),
+        };
+        match result {
+            Ok(addr) => {
+                svc.on_ready(slot, &id, addr);
+                Ok(addr)
+            }
+            Err(reason) => {
+                // It never served: nothing to drain, no grace period (a process that has not
+                // set up its SIGTERM handler yet would ignore the signal as PID 1).
+                let (name, dir) = (svc.name.clone(), self.data_dir.clone());
+                self.blocking(move |e| retire_with(e, &dir, &name, &id, Duration::ZERO)).await;
+                Err(reason)
+            }
+        }
+    }
+
+    /// Probes `addr` until it accepts a connection (backing off from 1 ms to 10 ms: a refused
+    /// connect on the bridge costs microseconds), checking every 25 ms that the container still
+    /// runs, so a crash is reported at once with its exit and last log lines.
+    async fn wait_ready(
+        &self,
+        id: &str,
+        addr: SocketAddr,
+        rev: &Revision,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<SocketAddr, String> {
+        let mut delay = Duration::from_millis(1);
+        let mut checked = Instant::now();
+        loop {
+            if let Ok(Ok(_)) =
+                tokio::time::timeout(Duration::from_millis(250), tokio::net::TcpStream::connect(addr)).await
+            {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "did not accept connections on port {} within {}{}",
+                    rev.port,
+                    super::scaling::format_duration(timeout.as_millis() as u64),
+                    self.tail(id).await
+                ));
+            }
+            if checked.elapsed() >= Duration::from_millis(25) {
+                checked = Instant::now();
+                self.ensure_running(id).await?;
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(10));
+        }
+        let Some(path) = &rev.health_path else { return Ok(addr) };
+        let mut last;
+        loop {
+            match health_get(addr, path).await {
+                Ok(status) if (200..300).contains(&status) => return Ok(addr),
+                Ok(status) => last = format!("answered {status}"),
+                Err(e) => last = e,
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "health check GET {path} did not answer 2xx within {} (last: {last}){}",
+                    super::scaling::format_duration(timeout.as_millis() as u64),
+                    self.tail(id).await
+                ));
+            }
+            self.ensure_running(id).await?;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn ensure_running(&self, id: &str) -> Result<(), String> {
+        let id = id.to_string();
+        self.blocking(move |e| match e.get(&id) {
+            Ok(c) if c.is_running() => Ok(()),
+            Ok(c) => Err(format!("{}{}", c.state.describe_exit(), log_tail(e, &c.id))),
+            Err(err) => Err(err.to_string()),
+        })
+        .await
+    }
+
+    async fn tail(&self, id: &str) -> String {
+        let id = id.to_string();
+        self.blocking(move |e| log_tail(e, &id)).await
+    }
+}
+
+/// What a service's container is started with.
+pub fn run_options(service: &str, rev: &Revision) -> RunOptions {
+    let mut env: Vec<String> = rev.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    if !rev.env.contains_key("PORT") {
+        env.push(format!("PORT={}", rev.port));
+    }
+    let mut suffix = [0u8; 3];
+    getrandom::fill(&mut suffix).expect("the kernel's random source");
+    RunOptions {
+        name: Some(format!("{service}-r{}-{}", rev.number, hex::encode(suffix))),
+        env,
+        hostname: Some(service.to_string()),
+        labels: [
+            (LABEL_SERVICE.to_string(), service.to_string()),
+            (LABEL_REVISION.to_string(), rev.number.to_string()),
+        ]
+        .into(),
+        ..RunOptions::default()
+    }
+}
+
+/// "; last log lines:\n..." with up to [`LOG_TAIL`] lines of a container's output, or "".
+pub fn log_tail(engine: &Engine, id: &str) -> String {
+    let path = engine.paths(id).log();
+    let lines = berth_agent::logs::read_all(&path, engine.config().logs.max_files).unwrap_or_default();
+    if lines.is_empty() {
+        return String::new();
+    }
+    let start = lines.len().saturating_sub(LOG_TAIL);
+    let mut out = String::from("; last log lines:\n");
+    for l in &lines[start..] {
+        out.push_str(String::from_utf8_lossy(&l.bytes).trim_end_matches('\n'));
+        out.push('\n');
+    }
+    out.truncate(out.trim_end().len());
+    out
+}
+
+/// Stops a container (stop signal, grace, SIGKILL), keeps its log under the service's log
+/// directory, and removes it. Tolerates a container that is already gone.
+pub fn retire(engine: &Engine, data_dir: &Path, service: &str, id: &str) {
+    retire_with(engine, data_dir, service, id, STOP_GRACE)
+}
+
+fn retire_with(engine: &Engine, data_dir: &Path, service: &str, id: &str, grace: Duration) {
+    let _ = engine.stop(id, Some(grace));
+    archive_log(engine, data_dir, service, id);
+    if let Err(e) = engine.remove(id, true) {
+        tracing::warn!(service, container = id, error = %e, "removing a stopped instance");
+    }
+}
+
+/// The directory where a service's stopped instances' logs are kept.
+pub fn log_dir(data_dir: &Path, service: &str) -> PathBuf {
+    data_dir.join("services").join(service).join("logs")
+}
+
+fn archive_log(engine: &Engine, data_dir: &Path, service: &str, id: &str) {
+    let dir = log_dir(data_dir, service);
+    if std::fs::create_dir_all(&dir).is_err() {
+        return;
+    }
+    // The raw records (same format), rotated files oldest first, then the live one.
+    let live = engine.paths(id).log();
+    let mut text = Vec::new();
+    for n in (1..=engine.config().logs.max_files).rev() {
+        let mut p = live.as_os_str().to_owned();
+        p.push(format!(".{n}"));
+        if let Ok(b) = std::fs::read(&p) {
+            text.extend_from_slice(&b);
+        }
+    }
+    if let Ok(b) = std::fs::read(&live) {
+        text.extend_from_slice(&b);
+    }
+    if text.is_empty() {
+        return;
+    }
+    let stamp = String::from_utf8_lossy(text.split(|&b| b == b' ').next().unwrap_or_default()).into_owned();
+    let _ = std::fs::write(dir.join(format!("{stamp}_{}.log", &id[..12])), text);
+    // Keep the newest KEEP_LOGS files (names start with the first line's time, so they sort).
+    if let Ok(rd) = std::fs::read_dir(&dir) {
+        let mut names: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        names.sort();
+        let excess = names.len().saturating_sub(KEEP_LOGS);
+        for p in &names[..excess] {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// One GET of the health path; returns the status code.
+async fn health_get(addr: SocketAddr, path: &str) -> Result<u16, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fut = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connecting: {e}"))?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: berth-health\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .map_err(|e| format!("sending: {e}"))?;
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).await.map_err(|e| format!("reading: {e}"))?;
+        let head = String::from_utf8_lossy(&buf[..n]);
+        head.split(' ').nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| format!("not an HTTP answer: {head:?}"))
+    };
+    tokio::time::timeout(Duration::from_secs(2), fut).await.map_err(|_| "timed out after 2s".to_string())?
+}

@@ -1,0 +1,888 @@
+//! The live side of the control plane: every service's current revision, instances and queue of
+//! held requests, in memory. The proxy asks it for a [`Lease`] on an instance; it decides when
+//! to start, thaw, freeze and stop instances and hands that work to [`super::instance`].
+//!
+//! Invariants:
+//! - The request path ([`Service::acquire`], [`Lease`] drop) takes one short `std` mutex per
+//!   service and never waits on the database, the engine or the network.
+//! - Every state change of an instance happens under that mutex; slow work (engine calls,
+//!   probes) runs outside it and reports back through `on_*` methods.
+//! - A held request is a oneshot sender in the queue; a client that gave up drops its receiver
+//!   and is skipped (and no longer counted) from then on.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::scaling::Scaling;
+
+/// A revision as instances run it: the image pinned by id plus its config. Immutable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revision {
+    pub number: i64,
+    pub image: String,
+    pub image_id: String,
+    pub port: u16,
+    pub env: std::collections::BTreeMap<String, String>,
+    pub health_path: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InstanceState {
+    Starting,
+    Ready,
+    Freezing,
+    Frozen,
+    Thawing,
+    Stopping,
+}
+
+#[derive(Debug)]
+struct Instance {
+    slot: u64,
+    container: Option<String>,
+    revision: i64,
+    addr: Option<SocketAddr>,
+    state: InstanceState,
+    in_flight: u32,
+    last_active: Instant,
+    started_at: String,
+    /// When the container was last checked to be alive (ready instances only).
+    checked: Instant,
+}
+
+/// Why a request could not get an instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    NotDeployed,
+    QueueFull(u32),
+    StartFailed(String),
+    Deleted,
+}
+
+/// Told when a deploy's first instance of a new revision is ready (or why it is not).
+pub type StartNotice = oneshot::Sender<Result<(), String>>;
+
+/// Work for [`super::instance`], decided under the service's lock and done outside it.
+#[derive(Debug)]
+pub enum Action {
+    Start { svc: Arc<Service>, slot: u64, revision: Arc<Revision>, timeout: Duration, notify: Option<StartNotice> },
+    Freeze { svc: Arc<Service>, slot: u64, container: String },
+    Thaw { svc: Arc<Service>, slot: u64, container: String },
+    Stop { svc: Arc<Service>, slot: u64, container: Option<String> },
+    Check { svc: Arc<Service>, slot: u64, container: String },
+}
+
+type Waiter = oneshot::Sender<Result<Lease, Refusal>>;
+
+#[derive(Debug)]
+struct Inner {
+    scaling: Scaling,
+    revision: Option<Arc<Revision>>,
+    instances: Vec<Instance>,
+    waiters: VecDeque<Waiter>,
+    last_error: Option<String>,
+    /// After a failed start, min instances are not restarted before this.
+    retry_after: Option<Instant>,
+    deploying: Option<i64>,
+    /// The revision a running deploy is starting: its instances are not drained as old ones.
+    candidate: Option<i64>,
+    deleted: bool,
+    next_slot: u64,
+}
+
+/// One service's live state.
+#[derive(Debug)]
+pub struct Service {
+    pub name: String,
+    pub id: i64,
+    inner: Mutex<Inner>,
+    actions: mpsc::UnboundedSender<Action>,
+}
+
+/// A counted use of one instance: the proxy holds it while a request (or an upgraded
+/// connection) is in flight. Dropping it frees the slot and hands it to the next held request.
+#[derive(Debug)]
+pub struct Lease {
+    svc: Option<Arc<Service>>,
+    slot: u64,
+    pub addr: SocketAddr,
+}
+
+impl Lease {
+    pub fn slot(&self) -> u64 {
+        self.slot
+    }
+    pub fn service(&self) -> &Arc<Service> {
+        self.svc.as_ref().expect("an armed lease")
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(svc) = self.svc.take() {
+            let mut g = svc.lock();
+            if let Some(i) = g.instances.iter_mut().find(|i| i.slot == self.slot) {
+                i.in_flight = i.in_flight.saturating_sub(1);
+                i.last_active = Instant::now();
+            }
+            svc.dispatch(&mut g);
+        }
+    }
+}
+
+/// What [`Service::acquire`] gives.
+pub enum Acquired {
+    Now(Lease),
+    Held(oneshot::Receiver<Result<Lease, Refusal>>),
+    Refused(Refusal),
+}
+
+/// A summary for the API.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Snapshot {
+    pub revision: Option<Arc<RevisionView>>,
+    pub instances: Vec<InstanceView>,
+    pub queued: usize,
+    pub in_flight: u32,
+    pub last_error: Option<String>,
+    pub deploying: Option<i64>,
+    pub status: &'static str,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RevisionView {
+    pub number: i64,
+    pub image: String,
+    pub image_id: String,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct InstanceView {
+    pub id: Option<String>,
+    pub revision: i64,
+    pub state: InstanceState,
+    pub address: Option<String>,
+    pub in_flight: u32,
+    pub idle_ms: u64,
+    pub started_at: String,
+}
+
+impl Service {
+    pub fn new(
+        name: String,
+        id: i64,
+        scaling: Scaling,
+        revision: Option<Revision>,
+        actions: mpsc::UnboundedSender<Action>,
+    ) -> Arc<Service> {
+        Arc::new(Service {
+            name,
+            id,
+            inner: Mutex::new(Inner {
+                scaling,
+                revision: revision.map(Arc::new),
+                instances: Vec::new(),
+                waiters: VecDeque::new(),
+                last_error: None,
+                retry_after: None,
+                deploying: None,
+                candidate: None,
+                deleted: false,
+                next_slot: 1,
+            }),
+            actions,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic under this lock is a bug; the state is still usable.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn act(&self, a: Action) {
+        let _ = self.actions.send(a);
+    }
+
+    pub fn scaling(&self) -> Scaling {
+        self.lock().scaling
+    }
+
+    pub fn revision(&self) -> Option<Arc<Revision>> {
+        self.lock().revision.clone()
+    }
+
+    /// An instance for one request: at once if one has room, else a place in the queue (and
+    /// an instance thawed or started for it), else the reason there is none.
+    pub fn acquire(self: &Arc<Self>) -> Acquired {
+        let mut g = self.lock();
+        if g.deleted {
+            return Acquired::Refused(Refusal::Deleted);
+        }
+        if g.revision.is_none() {
+            return Acquired::Refused(Refusal::NotDeployed);
+        }
+        if g.waiters.is_empty() {
+            if let Some(lease) = self.take_slot(&mut g) {
+                return Acquired::Now(lease);
+            }
+        }
+        g.waiters.retain(|w| !w.is_closed());
+        if g.waiters.len() >= g.scaling.queue as usize {
+            return Acquired::Refused(Refusal::QueueFull(g.scaling.queue));
+        }
+        let (tx, rx) = oneshot::channel();
+        g.waiters.push_back(tx);
+        self.plan(&mut g);
+        Acquired::Held(rx)
+    }
+
+    /// The least-loaded ready instance of the current revision with room, counted in.
+    fn take_slot(self: &Arc<Self>, g: &mut Inner) -> Option<Lease> {
+        let rev = g.revision.as_ref()?.number;
+        let conc = g.scaling.concurrency;
+        let inst = g
+            .instances
+            .iter_mut()
+            .filter(|i| i.state == InstanceState::Ready && i.revision == rev && i.in_flight < conc)
+            .min_by_key(|i| i.in_flight)?;
+        inst.in_flight += 1;
+        inst.last_active = Instant::now();
+        Some(Lease {
+            svc: Some(self.clone()),
+            slot: inst.slot,
+            addr: inst.addr.expect("a ready instance has an address"),
+        })
+    }
+
+    /// Hands free slots to held requests, oldest first; then plans for those still waiting.
+    fn dispatch(self: &Arc<Self>, g: &mut Inner) {
+        while let Some(front) = g.waiters.front() {
+            if front.is_closed() {
+                g.waiters.pop_front();
+                continue;
+            }
+            let Some(lease) = self.take_slot(g) else { break };
+            let tx = g.waiters.pop_front().expect("a front waiter");
+            if let Err(Ok(mut back)) = tx.send(Ok(lease)) {
+                // The client left between the check and the send: take the slot back without
+                // re-entering this lock through Drop.
+                back.svc = None;
+                if let Some(i) = g.instances.iter_mut().find(|i| i.slot == back.slot) {
+                    i.in_flight -= 1;
+                }
+            }
+        }
+        self.plan(g);
+    }
+
+    /// Scale-up decisions for the held requests: thaw frozen instances first, then start new
+    /// ones (up to `max`) until the capacity on its way covers the queue.
+    fn plan(self: &Arc<Self>, g: &mut Inner) {
+        let waiting = g.waiters.iter().filter(|w| !w.is_closed()).count() as u64;
+        if waiting == 0 || g.deleted {
+            return;
+        }
+        let Some(rev) = g.revision.clone() else { return };
+        let conc = u64::from(g.scaling.concurrency);
+        let mut coming: u64 = 0;
+        for i in g.instances.iter_mut().filter(|i| i.revision == rev.number) {
+            match i.state {
+                InstanceState::Starting | InstanceState::Thawing | InstanceState::Freezing => coming += conc,
+                InstanceState::Frozen if coming < waiting => {
+                    i.state = InstanceState::Thawing;
+                    coming += conc;
+                    let container = i.container.clone().expect("a frozen instance has a container");
+                    let _ = self.actions.send(Action::Thaw { svc: self.clone(), slot: i.slot, container });
+                }
+                _ => {}
+            }
+        }
+        let mut active =
+            g.instances.iter().filter(|i| i.revision == rev.number && i.state != InstanceState::Stopping).count()
+                as u64;
+        while coming < waiting && active < u64::from(g.scaling.max) {
+            self.start_locked(g, rev.clone());
+            coming += conc;
+            active += 1;
+        }
+    }
+
+    fn start_locked(self: &Arc<Self>, g: &mut Inner, revision: Arc<Revision>) {
+        let slot = g.next_slot;
+        g.next_slot += 1;
+        let now = Instant::now();
+        g.instances.push(Instance {
+            slot,
+            container: None,
+            revision: revision.number,
+            addr: None,
+            state: InstanceState::Starting,
+            in_flight: 0,
+            last_active: now,
+            started_at: super::db::now(),
+            checked: now,
+        });
+        // An instance gets as long to start as a deploy gives it, however short the requests'
+        // timeout: a held request may give up (504), the instance still comes up for the next.
+        let timeout = super::deploy::READY_TIMEOUT;
+        self.act(Action::Start { svc: self.clone(), slot, revision, timeout, notify: None });
+    }
+
+    /// Starts one instance of `revision` for a deploy, before the traffic moves to it; `notify`
+    /// learns whether it became ready within `timeout`.
+    pub fn start_candidate(self: &Arc<Self>, revision: Revision, timeout: Duration, notify: StartNotice) {
+        let mut g = self.lock();
+        g.candidate = Some(revision.number);
+        let slot = g.next_slot;
+        g.next_slot += 1;
+        let now = Instant::now();
+        g.instances.push(Instance {
+            slot,
+            container: None,
+            revision: revision.number,
+            addr: None,
+            state: InstanceState::Starting,
+            in_flight: 0,
+            last_active: now,
+            started_at: super::db::now(),
+            checked: now,
+        });
+        drop(g);
+        self.act(Action::Start {
+            svc: self.clone(),
+            slot,
+            revision: Arc::new(revision),
+            timeout,
+            notify: Some(notify),
+        });
+    }
+
+    /// Periodic decisions: freeze and stop idle instances, drain old revisions, keep `min`
+    /// running, check that ready instances are alive.
+    pub fn tick(self: &Arc<Self>, now: Instant) {
+        let mut g = self.lock();
+        if g.deleted {
+            return;
+        }
+        let sc = g.scaling;
+        let cur = g.revision.as_ref().map(|r| r.number);
+        let candidate = g.candidate;
+        let queued = g.waiters.iter().any(|w| !w.is_closed());
+        let mut actions = Vec::new();
+        let live_current = |g: &Inner| {
+            g.instances.iter().filter(|i| Some(i.revision) == cur && i.state != InstanceState::Stopping).count() as u32
+        };
+        let mut live = live_current(&g);
+        for i in g.instances.iter_mut() {
+            let idle = now.saturating_duration_since(i.last_active);
+            let busy = i.in_flight > 0;
+            match i.state {
+                InstanceState::Ready | InstanceState::Frozen
+                    if Some(i.revision) != cur && Some(i.revision) != candidate && !busy =>
+                {
+                    i.state = InstanceState::Stopping;
+                    actions.push(Action::Stop { svc: self.clone(), slot: i.slot, container: i.container.clone() });
+                }
+                InstanceState::Frozen if idle >= Duration::from_millis(sc.stop_after_ms) && live > sc.min => {
+                    i.state = InstanceState::Stopping;
+                    live -= 1;
+                    actions.push(Action::Stop { svc: self.clone(), slot: i.slot, container: i.container.clone() });
+                }
+                InstanceState::Ready
+                    if !busy
+                        && !queued
+                        && idle >= Duration::from_millis(sc.freeze_after_ms)
+                        && i.container.is_some() =>
+                {
+                    i.state = InstanceState::Freezing;
+                    let container = i.container.clone().expect("checked");
+                    actions.push(Action::Freeze { svc: self.clone(), slot: i.slot, container });
+                }
+                InstanceState::Ready if now.saturating_duration_since(i.checked) >= Duration::from_secs(1) => {
+                    i.checked = now;
+                    if let Some(c) = &i.container {
+                        actions.push(Action::Check { svc: self.clone(), slot: i.slot, container: c.clone() });
+                    }
+                }
+                _ => {}
+            }
+        }
+        if let Some(rev) = g.revision.clone() {
+            let may_retry = g.retry_after.is_none_or(|t| now >= t);
+            while live_current(&g) < sc.min && may_retry {
+                self.start_locked(&mut g, rev.clone());
+            }
+        }
+        drop(g);
+        for a in actions {
+            self.act(a);
+        }
+    }
+
+    // --- reports from the work in `instance` -------------------------------------------------
+
+    /// The container of a starting instance exists (so a delete can stop it).
+    pub fn on_created(&self, slot: u64, container: &str) {
+        let mut g = self.lock();
+        if let Some(i) = g.instances.iter_mut().find(|i| i.slot == slot) {
+            i.container = Some(container.to_string());
+        }
+    }
+
+    /// A started instance is ready: it takes held requests at once.
+    pub fn on_ready(self: &Arc<Self>, slot: u64, container: &str, addr: SocketAddr) {
+        let mut g = self.lock();
+        let deleted = g.deleted;
+        let Some(i) = g.instances.iter_mut().find(|i| i.slot == slot) else { return };
+        i.container = Some(container.to_string());
+        i.addr = Some(addr);
+        let now = Instant::now();
+        i.last_active = now;
+        i.checked = now;
+        if deleted || i.state == InstanceState::Stopping {
+            i.state = InstanceState::Stopping;
+            let c = i.container.clone();
+            drop(g);
+            self.act(Action::Stop { svc: self.clone(), slot, container: c });
+            return;
+        }
+        i.state = InstanceState::Ready;
+        g.last_error = None;
+        g.retry_after = None;
+        self.dispatch(&mut g);
+    }
+
+    /// A start failed: the requests held for it get the reason, unless another instance is on
+    /// its way or ready.
+    pub fn on_start_failed(self: &Arc<Self>, slot: u64, reason: &str) {
+        let mut g = self.lock();
+        let revision = g.instances.iter().find(|i| i.slot == slot).map(|i| i.revision);
+        g.instances.retain(|i| i.slot != slot);
+        if revision.is_some() && revision == g.candidate && revision != g.revision.as_ref().map(|r| r.number) {
+            // A deploy's candidate: the deploy reports it; the serving revision is not at fault.
+            return;
+        }
+        g.last_error = Some(reason.to_string());
+        g.retry_after = Some(Instant::now() + Duration::from_secs(5));
+        let cur = g.revision.as_ref().map(|r| r.number);
+        let hope = g.instances.iter().any(|i| {
+            Some(i.revision) == cur
+                && matches!(
+                    i.state,
+                    InstanceState::Starting | InstanceState::Ready | InstanceState::Thawing | InstanceState::Freezing
+                )
+        });
+        if hope {
+            self.dispatch(&mut g);
+            return;
+        }
+        for w in g.waiters.drain(..) {
+            let _ = w.send(Err(Refusal::StartFailed(reason.to_string())));
+        }
+    }
+
+    pub fn on_frozen(self: &Arc<Self>, slot: u64, ok: bool) {
+        let mut g = self.lock();
+        if let Some(i) = g.instances.iter_mut().find(|i| i.slot == slot && i.state == InstanceState::Freezing) {
+            i.state = if ok { InstanceState::Frozen } else { InstanceState::Ready };
+        }
+        // A request that came while freezing waits for a thaw, which plan() orders.
+        self.dispatch(&mut g);
+    }
+
+    pub fn on_thawed(self: &Arc<Self>, slot: u64) {
+        let mut g = self.lock();
+        if let Some(i) = g.instances.iter_mut().find(|i| i.slot == slot && i.state == InstanceState::Thawing) {
+            i.state = InstanceState::Ready;
+            i.last_active = Instant::now();
+        }
+        self.dispatch(&mut g);
+    }
+
+    pub fn on_stopped(self: &Arc<Self>, slot: u64) {
+        let mut g = self.lock();
+        g.instances.retain(|i| i.slot != slot);
+        self.dispatch(&mut g);
+    }
+
+    /// A ready instance's container is gone (crashed, killed): forget it.
+    pub fn on_dead(self: &Arc<Self>, slot: u64, reason: &str) {
+        let mut g = self.lock();
+        let before = g.instances.len();
+        g.instances.retain(|i| i.slot != slot || i.state == InstanceState::Stopping);
+        if g.instances.len() != before {
+            tracing::warn!(service = %self.name, reason, "instance died");
+            g.last_error = Some(format!("an instance died: {reason}"));
+            self.dispatch(&mut g);
+        }
+    }
+
+    /// The proxy could not talk to the instance behind `lease`: have it checked soon.
+    pub fn suspect(self: &Arc<Self>, slot: u64) {
+        let g = self.lock();
+        if let Some(c) = g.instances.iter().find(|i| i.slot == slot).and_then(|i| i.container.clone()) {
+            drop(g);
+            self.act(Action::Check { svc: self.clone(), slot, container: c });
+        }
+    }
+
+    // --- control plane -----------------------------------------------------------------------
+
+    pub fn set_scaling(self: &Arc<Self>, scaling: Scaling) {
+        let mut g = self.lock();
+        g.scaling = scaling;
+        self.dispatch(&mut g);
+    }
+
+    /// Marks a deploy as running; false if another one is.
+    pub fn begin_deploy(&self, id: i64) -> Result<(), i64> {
+        let mut g = self.lock();
+        match g.deploying {
+            Some(other) => Err(other),
+            None => {
+                g.deploying = Some(id);
+                Ok(())
+            }
+        }
+    }
+
+    /// Ends a deploy; the candidate's instances, if it did not take the traffic, drain.
+    pub fn end_deploy(self: &Arc<Self>) {
+        let mut g = self.lock();
+        g.deploying = None;
+        g.candidate = None;
+    }
+
+    /// Adds an instance that runs already (adopted at start, or started by a deploy).
+    pub fn adopt(self: &Arc<Self>, container: &str, revision: i64, addr: SocketAddr, frozen: bool, started_at: String) {
+        let mut g = self.lock();
+        let slot = g.next_slot;
+        g.next_slot += 1;
+        let now = Instant::now();
+        g.instances.push(Instance {
+            slot,
+            container: Some(container.to_string()),
+            revision,
+            addr: Some(addr),
+            state: if frozen { InstanceState::Frozen } else { InstanceState::Ready },
+            in_flight: 0,
+            last_active: now,
+            started_at,
+            checked: now,
+        });
+        self.dispatch(&mut g);
+    }
+
+    /// Switches the traffic to `revision`; instances of others drain and stop.
+    pub fn switch(self: &Arc<Self>, revision: Revision) {
+        let mut g = self.lock();
+        if g.candidate == Some(revision.number) {
+            g.candidate = None;
+        }
+        g.revision = Some(Arc::new(revision));
+        g.last_error = None;
+        g.retry_after = None;
+        self.dispatch(&mut g);
+    }
+
+    /// Deletes the service: held requests are refused, every instance stopped.
+    pub fn delete(self: &Arc<Self>) {
+        let mut g = self.lock();
+        g.deleted = true;
+        for w in g.waiters.drain(..) {
+            let _ = w.send(Err(Refusal::Deleted));
+        }
+        let mut actions = Vec::new();
+        for i in g.instances.iter_mut() {
+            if i.state != InstanceState::Stopping && i.state != InstanceState::Starting {
+                i.state = InstanceState::Stopping;
+                actions.push(Action::Stop { svc: self.clone(), slot: i.slot, container: i.container.clone() });
+            } else if i.state == InstanceState::Starting {
+                i.state = InstanceState::Stopping; // on_ready stops it
+            }
+        }
+        drop(g);
+        for a in actions {
+            self.act(a);
+        }
+    }
+
+    pub fn is_deleted(&self) -> bool {
+        self.lock().deleted
+    }
+
+    /// True while something is running, held or starting (for tests and the API).
+    pub fn snapshot(&self) -> Snapshot {
+        let g = self.lock();
+        let now = Instant::now();
+        let instances: Vec<InstanceView> = g
+            .instances
+            .iter()
+            .map(|i| InstanceView {
+                id: i.container.clone(),
+                revision: i.revision,
+                state: i.state,
+                address: i.addr.map(|a| a.to_string()),
+                in_flight: i.in_flight,
+                idle_ms: now.saturating_duration_since(i.last_active).as_millis() as u64,
+                started_at: i.started_at.clone(),
+            })
+            .collect();
+        let has = |s: InstanceState| instances.iter().any(|i| i.state == s);
+        let status = if g.revision.is_none() {
+            if g.deploying.is_some() {
+                "deploying"
+            } else {
+                "not-deployed"
+            }
+        } else if has(InstanceState::Ready) || has(InstanceState::Thawing) {
+            "ready"
+        } else if has(InstanceState::Starting) {
+            "starting"
+        } else if has(InstanceState::Frozen) || has(InstanceState::Freezing) {
+            "frozen"
+        } else if g.last_error.is_some() {
+            "failed"
+        } else {
+            "idle"
+        };
+        Snapshot {
+            revision: g.revision.as_ref().map(|r| {
+                Arc::new(RevisionView {
+                    number: r.number,
+                    image: r.image.clone(),
+                    image_id: r.image_id.clone(),
+                    port: r.port,
+                })
+            }),
+            queued: g.waiters.iter().filter(|w| !w.is_closed()).count(),
+            in_flight: g.instances.iter().map(|i| i.in_flight).sum(),
+            instances,
+            last_error: g.last_error.clone(),
+            deploying: g.deploying,
+            status,
+        }
+    }
+}
+
+/// Every service's live state, by name, and how a host name maps to one.
+pub struct Platform {
+    services: dashmap::DashMap<String, Arc<Service>>,
+    /// `.<domain>`: a host `<name>.<domain>` is service `<name>`.
+    suffix: String,
+    control_host: String,
+}
+
+/// Where a request's Host sends it.
+pub enum Route {
+    Control,
+    Service(Arc<Service>),
+    Unknown(String),
+}
+
+impl Platform {
+    pub fn new(domain: &str, control_host: &str) -> Platform {
+        Platform { services: dashmap::DashMap::new(), suffix: format!(".{domain}"), control_host: control_host.into() }
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Service>> {
+        self.services.get(name).map(|s| s.clone())
+    }
+
+    pub fn insert(&self, svc: Arc<Service>) {
+        self.services.insert(svc.name.clone(), svc);
+    }
+
+    pub fn remove(&self, name: &str) -> Option<Arc<Service>> {
+        self.services.remove(name).map(|(_, s)| s)
+    }
+
+    pub fn all(&self) -> Vec<Arc<Service>> {
+        self.services.iter().map(|e| e.value().clone()).collect()
+    }
+
+    /// Routes a Host header value: case-insensitive, port and trailing dot ignored.
+    pub fn route(&self, host: &str) -> Route {
+        let host = normalize_host(host);
+        if host == self.control_host {
+            return Route::Control;
+        }
+        if let Some(name) = host.strip_suffix(self.suffix.as_str()) {
+            if !name.contains('.') {
+                if let Some(svc) = self.get(name) {
+                    return Route::Service(svc);
+                }
+            }
+        }
+        Route::Unknown(host)
+    }
+}
+
+/// A Host header's name: lowercase, without its port and trailing dot.
+pub fn normalize_host(host: &str) -> String {
+    let host = host.trim();
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        // An IPv6 literal: `[::1]:80`.
+        rest.split(']').next().unwrap_or(rest)
+    } else {
+        host.rsplit_once(':').filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit())).map_or(host, |(h, _)| h)
+    };
+    name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rev(n: i64) -> Revision {
+        Revision {
+            number: n,
+            image: "img".into(),
+            image_id: "sha256:x".into(),
+            port: 8080,
+            env: Default::default(),
+            health_path: None,
+        }
+    }
+
+    fn service(scaling: Scaling) -> (Arc<Service>, mpsc::UnboundedReceiver<Action>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Service::new("s".into(), 1, scaling, Some(rev(1)), tx), rx)
+    }
+
+    fn addr() -> SocketAddr {
+        "10.0.0.2:8080".parse().unwrap()
+    }
+
+    #[test]
+    fn hosts_route_case_insensitively_without_port_or_trailing_dot() {
+        let p = Platform::new("example.test", "berth.example.test");
+        let (svc, _rx) = service(Scaling::default());
+        p.insert(svc);
+        for h in ["s.example.test", "S.Example.TEST", "s.example.test.", "s.example.test:8080", "s.example.test.:80"] {
+            assert!(matches!(p.route(h), Route::Service(_)), "{h}");
+        }
+        assert!(matches!(p.route("BERTH.example.test:7070"), Route::Control));
+        for h in ["x.example.test", "a.s.example.test", "example.test", "s.example.test.evil", ""] {
+            assert!(matches!(p.route(h), Route::Unknown(_)), "{h}");
+        }
+        assert_eq!(normalize_host("[::1]:80"), "::1");
+    }
+
+    #[test]
+    fn a_deploy_candidate_is_not_drained_and_its_failure_leaves_the_service_alone() {
+        let (svc, mut actions) = service(Scaling::default());
+        svc.adopt("old", 1, addr(), false, "t".into());
+        let (tx, _rx) = oneshot::channel();
+        svc.start_candidate(rev(2), Duration::from_secs(5), tx);
+        let Ok(Action::Start { slot, .. }) = actions.try_recv() else { panic!("a start") };
+        svc.on_ready(slot, "new", "10.0.0.3:8080".parse().unwrap());
+        svc.tick(Instant::now());
+        assert!(actions.try_recv().is_err(), "neither the serving nor the candidate instance stops");
+        let Acquired::Now(lease) = svc.acquire() else { panic!() };
+        assert_eq!(lease.addr, addr(), "the old revision serves until the switch");
+        drop(lease);
+        let (tx, _rx) = oneshot::channel();
+        svc.start_candidate(rev(3), Duration::from_secs(5), tx);
+        let Ok(Action::Start { slot, .. }) = actions.try_recv() else { panic!("a start") };
+        svc.on_start_failed(slot, "exited with code 1");
+        assert_eq!(svc.snapshot().last_error, None, "a failed candidate is the deploy's error, not the service's");
+    }
+
+    #[test]
+    fn held_requests_start_one_instance_per_concurrency_and_get_it_when_ready() {
+        let (svc, mut actions) = service(Scaling { concurrency: 2, max: 5, queue: 10, ..Scaling::default() });
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            match svc.acquire() {
+                Acquired::Held(rx) => held.push(rx),
+                _ => panic!("nothing runs: the request is held"),
+            }
+        }
+        let mut starts = Vec::new();
+        while let Ok(a) = actions.try_recv() {
+            if let Action::Start { slot, .. } = a {
+                starts.push(slot);
+            }
+        }
+        assert_eq!(starts.len(), 2, "3 requests at concurrency 2 need 2 instances");
+        svc.on_ready(starts[0], "c1", addr());
+        // Keep the leases: dropping one frees its slot for the next request.
+        let got: Vec<Option<Lease>> = held.iter_mut().map(|rx| rx.try_recv().ok().and_then(Result::ok)).collect();
+        let got: Vec<bool> = got.iter().map(Option::is_some).collect();
+        assert_eq!(got, [true, true, false], "the first two get the ready instance, in order");
+    }
+
+    #[test]
+    fn the_queue_is_bounded_and_clients_that_left_are_counted_out() {
+        let (svc, _actions) = service(Scaling { max: 1, queue: 2, ..Scaling::default() });
+        let a = svc.acquire();
+        let _b = svc.acquire();
+        assert!(matches!(svc.acquire(), Acquired::Refused(Refusal::QueueFull(2))));
+        drop(a);
+        assert_eq!(svc.snapshot().queued, 1);
+        assert!(matches!(svc.acquire(), Acquired::Held(_)), "the place of the client that left is free");
+    }
+
+    #[test]
+    fn a_failed_start_answers_the_held_requests_with_the_reason() {
+        let (svc, mut actions) = service(Scaling::default());
+        let Acquired::Held(mut rx) = svc.acquire() else { panic!() };
+        let Ok(Action::Start { slot, .. }) = actions.try_recv() else { panic!("a start") };
+        svc.on_start_failed(slot, "exited with code 3");
+        assert_eq!(rx.try_recv().unwrap().unwrap_err(), Refusal::StartFailed("exited with code 3".into()));
+        assert_eq!(svc.snapshot().status, "failed");
+    }
+
+    #[test]
+    fn idle_instances_freeze_then_stop_and_a_request_thaws_a_frozen_one() {
+        let (svc, mut actions) = service(Scaling { freeze_after_ms: 100, stop_after_ms: 1000, ..Scaling::default() });
+        svc.adopt("c1", 1, addr(), false, "t".into());
+        let lease = match svc.acquire() {
+            Acquired::Now(l) => l,
+            _ => panic!("a ready instance serves at once"),
+        };
+        let t0 = Instant::now();
+        svc.tick(t0 + Duration::from_millis(500));
+        assert!(actions.try_recv().is_err(), "nothing freezes under a live request");
+        drop(lease);
+        svc.tick(Instant::now() + Duration::from_millis(150));
+        let Ok(Action::Freeze { slot, .. }) = actions.try_recv() else { panic!("idle: freeze") };
+        svc.on_frozen(slot, true);
+        let Acquired::Held(mut rx) = svc.acquire() else { panic!("frozen: held") };
+        let Ok(Action::Thaw { slot: s2, .. }) = actions.try_recv() else { panic!("a thaw, not a start") };
+        assert_eq!(s2, slot);
+        assert!(actions.try_recv().is_err(), "no new instance while one thaws");
+        svc.on_thawed(slot);
+        let lease = rx.try_recv().unwrap().unwrap();
+        drop(lease);
+        svc.tick(Instant::now() + Duration::from_millis(150));
+        let Ok(Action::Freeze { .. }) = actions.try_recv() else { panic!() };
+        svc.on_frozen(slot, true);
+        svc.tick(Instant::now() + Duration::from_millis(1500));
+        assert!(matches!(actions.try_recv(), Ok(Action::Stop { .. })), "frozen long enough: stop");
+    }
+
+    #[test]
+    fn a_new_revision_takes_new_requests_and_the_old_one_drains() {
+        let (svc, mut actions) = service(Scaling::default());
+        svc.adopt("old", 1, addr(), false, "t".into());
+        let Acquired::Now(old_lease) = svc.acquire() else { panic!() };
+        svc.adopt("new", 2, "10.0.0.3:8080".parse().unwrap(), false, "t".into());
+        svc.switch(rev(2));
+        let Acquired::Now(new_lease) = svc.acquire() else { panic!() };
+        assert_eq!(new_lease.addr.to_string(), "10.0.0.3:8080");
+        svc.tick(Instant::now());
+        assert!(actions.try_recv().is_err(), "the old instance still serves a request");
+        drop(old_lease);
+        svc.tick(Instant::now());
+        let Ok(Action::Stop { container, .. }) = actions.try_recv() else { panic!("drained: stop") };
+        assert_eq!(container.as_deref(), Some("old"));
+    }
+}

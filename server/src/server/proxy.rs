@@ -1,0 +1,516 @@
+//! The reverse proxy on `--http-addr`: routes by Host to a service's instances (or the control
+//! host to the API), holds requests while an instance starts or thaws, and forwards them with
+//! streaming bodies both ways, keep-alive and protocol upgrades (WebSockets).
+//!
+//! The life of a request (one task per connection, hyper's HTTP/1.1 server):
+//! 1. framing checked (Content-Length together with Transfer-Encoding is refused), Host
+//!    normalised and routed ([`Platform::route`]): unknown hosts get 404 `unknown-host`;
+//! 2. [`Service::acquire`] gives a lease on a ready instance at once, or a place in the
+//!    service's bounded queue; while held, the request body is read into memory up to
+//!    `--hold-body-limit` so the client can finish sending; the wait ends with a lease, a refusal
+//!    (503) or the request timeout (504);
+//! 3. hop-by-hop headers are removed, `X-Forwarded-*` set, and the request goes to
+//!    `instance_ip:port` over a pooled HTTP/1.1 connection; the response streams back frame by
+//!    frame, and the lease is held until its body ends (or, for an upgrade, until the tunnel
+//!    closes), so in-flight work always counts as activity.
+//!
+//! Errors are one fixed set, each with a `berth-error` header naming the cause: 404
+//! `unknown-host`, 400 `bad-request`, 502 `upstream-failed`, 503 `queue-full` / `start-failed` /
+//! `not-deployed` (with `Retry-After`), 504 `cold-start-timeout` / `upstream-timeout`.
+//!
+//! Architecture Invariant: nothing here touches the database or the engine; a request waits
+//! only on the service's in-memory state and the instance itself.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tower::ServiceExt;
+
+mod framing;
+
+use super::platform::{Acquired, Lease, Platform, Refusal, Route, Service};
+use super::settings::Cidr;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Request heads larger than this are refused (431) by the HTTP parser.
+const MAX_HEAD: usize = 64 * 1024;
+/// A client must send its request head within this time.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Proxy {
+    platform: Arc<Platform>,
+    client: Client<HttpConnector, Body>,
+    control: axum::Router,
+    trusted: Vec<Cidr>,
+    hold_body_limit: usize,
+    /// Containers' subnet: they are not let through to the control host.
+    containers: berth_agent::network::Subnet,
+}
+
+impl Proxy {
+    pub fn new(
+        platform: Arc<Platform>,
+        control: axum::Router,
+        trusted: Vec<Cidr>,
+        hold_body_limit: usize,
+        containers: berth_agent::network::Subnet,
+    ) -> Proxy {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(Duration::from_secs(5)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_timer(TokioTimer::new())
+            .build(http);
+        Proxy { platform, client, control, trusted, hold_body_limit, containers }
+    }
+
+    /// Accepts connections until `shutdown` resolves.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            let (stream, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "proxy accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = &mut shutdown => return,
+            };
+            let _ = stream.set_nodelay(true);
+            let me = self.clone();
+            tokio::spawn(async move {
+                let flags = framing::Flags::default();
+                let io = TokioIo::new(framing::Watched::new(stream, flags.clone()));
+                let svc = hyper::service::service_fn(move |req| {
+                    let me = me.clone();
+                    let both = flags.lock().unwrap_or_else(|e| e.into_inner()).pop_front().unwrap_or(false);
+                    async move { Ok::<_, Infallible>(me.handle(req, peer, both).await) }
+                });
+                let mut b = hyper::server::conn::http1::Builder::new();
+                b.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT).max_buf_size(MAX_HEAD);
+                let _ = b.serve_connection(io, svc).with_upgrades().await;
+            });
+        }
+    }
+
+    /// `cl_and_te`: the request's head carried both Content-Length and Transfer-Encoding
+    /// (hyper keeps only the latter, so the connection's scanner tells).
+    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr, cl_and_te: bool) -> Response<Body> {
+        let h = req.headers();
+        if cl_and_te || (h.contains_key(header::CONTENT_LENGTH) && h.contains_key(header::TRANSFER_ENCODING)) {
+            let mut r = error(
+                StatusCode::BAD_REQUEST,
+                "bad-request",
+                "a request must not carry both Content-Length and Transfer-Encoding".into(),
+            );
+            r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return r;
+        }
+        let host = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| h.get(header::HOST).and_then(|v| v.to_str().ok()).map(str::to_string));
+        let Some(host) = host else {
+            return error(StatusCode::BAD_REQUEST, "bad-request", "the request has no Host header".into());
+        };
+        match self.platform.route(&host) {
+            Route::Control => {
+                if let std::net::IpAddr::V4(ip) = peer.ip().to_canonical() {
+                    if self.containers.contains(ip) {
+                        return error(
+                            StatusCode::FORBIDDEN,
+                            "forbidden",
+                            "containers may not reach the control host".into(),
+                        );
+                    }
+                }
+                let resp = self.control.clone().oneshot(req.map(axum::body::Body::new)).await;
+                let resp = match resp {
+                    Ok(r) => r,
+                    Err(never) => match never {},
+                };
+                resp.map(|b| b.map_err(BoxError::from).boxed_unsync())
+            }
+            Route::Unknown(host) => {
+                error(StatusCode::NOT_FOUND, "unknown-host", format!("no service answers at {host:?}"))
+            }
+            Route::Service(svc) => self.forward(svc, req, peer, &host).await,
+        }
+    }
+
+    async fn forward(
+        &self,
+        svc: Arc<Service>,
+        mut req: Request<Incoming>,
+        peer: SocketAddr,
+        host: &str,
+    ) -> Response<Body> {
+        let timeout = Duration::from_millis(svc.scaling().request_timeout_ms);
+        let deadline = Instant::now() + timeout;
+        let upgrade = wants_upgrade(req.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, mut incoming) = req.into_parts();
+        let mut held = Vec::new();
+        let mut body_done = incoming.is_end_stream();
+        let lease = match svc.acquire() {
+            Acquired::Now(l) => l,
+            Acquired::Refused(r) => return refusal(&svc, r),
+            Acquired::Held(mut rx) => {
+                let mut size = 0usize;
+                let sleep = tokio::time::sleep_until(deadline);
+                tokio::pin!(sleep);
+                loop {
+                    tokio::select! {
+                        biased;
+                        r = &mut rx => match r {
+                            Ok(Ok(l)) => break l,
+                            Ok(Err(r)) => return refusal(&svc, r),
+                            Err(_) => return refusal(&svc, Refusal::Deleted),
+                        },
+                        f = incoming.frame(), if !body_done && size < self.hold_body_limit => match f {
+                            Some(Ok(frame)) => {
+                                size += frame.data_ref().map_or(0, |d| d.len());
+                                held.push(frame);
+                            }
+                            Some(Err(e)) => {
+                                // The client went away (or sent a broken body) while held.
+                                return error(StatusCode::BAD_REQUEST, "bad-request", format!("reading the request body: {e}"));
+                            }
+                            None => body_done = true,
+                        },
+                        _ = &mut sleep => {
+                            return error(
+                                StatusCode::GATEWAY_TIMEOUT,
+                                "cold-start-timeout",
+                                format!(
+                                    "service {} had no ready instance within the request timeout ({})",
+                                    svc.name,
+                                    super::scaling::format_duration(timeout.as_millis() as u64)
+                                ),
+                            );
+                        }
+                    }
+                }
+            }
+        };
+
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        parts.uri = match Uri::try_from(format!("http://{}{path}", lease.addr)) {
+            Ok(u) => u,
+            Err(_) => {
+                return error(StatusCode::BAD_REQUEST, "bad-request", "the request target is not a valid path".into())
+            }
+        };
+        parts.version = http::Version::HTTP_11;
+        let upgrade_proto = parts.headers.get(header::UPGRADE).cloned();
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(header::EXPECT);
+        if let (true, Some(p)) = (upgrade, upgrade_proto) {
+            parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, p);
+        }
+        self.set_forwarded(&mut parts.headers, peer, host);
+        if !parts.headers.contains_key(header::HOST) {
+            if let Ok(v) = HeaderValue::from_str(host) {
+                parts.headers.insert(header::HOST, v);
+            }
+        }
+        let body: Body = if held.is_empty() && !body_done {
+            incoming.map_err(BoxError::from).boxed_unsync()
+        } else {
+            Prefixed { held: held.into(), rest: (!body_done).then_some(incoming) }.boxed_unsync()
+        };
+        let upstream = Request::from_parts(parts, body);
+        let resp = match tokio::time::timeout_at(deadline, self.client.request(upstream)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                svc.suspect(lease.slot());
+                tracing::warn!(service = %svc.name, addr = %lease.addr, error = %error_chain(&e), "upstream request failed");
+                return error(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream-failed",
+                    format!("the instance of service {} failed to answer: {}", svc.name, error_chain(&e)),
+                );
+            }
+            Err(_) => {
+                return error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream-timeout",
+                    format!(
+                        "the instance of service {} did not answer within the request timeout ({})",
+                        svc.name,
+                        super::scaling::format_duration(timeout.as_millis() as u64)
+                    ),
+                );
+            }
+        };
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(client_up) = client_upgrade {
+                return tunnel(resp, client_up, lease);
+            }
+        }
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        Response::from_parts(
+            parts,
+            Leased { inner: body.map_err(BoxError::from).boxed_unsync(), lease: Some(lease) }.boxed_unsync(),
+        )
+    }
+
+    fn set_forwarded(&self, h: &mut HeaderMap, peer: SocketAddr, host: &str) {
+        let ip = peer.ip().to_canonical();
+        let trusted = self.trusted.iter().any(|c| c.contains(ip));
+        let xff = HeaderName::from_static("x-forwarded-for");
+        let xfp = HeaderName::from_static("x-forwarded-proto");
+        let xfh = HeaderName::from_static("x-forwarded-host");
+        let prior: Vec<String> = if trusted {
+            h.get_all(&xff).iter().filter_map(|v| v.to_str().ok()).map(str::to_string).collect()
+        } else {
+            Vec::new()
+        };
+        let mut chain = prior.join(", ");
+        if !chain.is_empty() {
+            chain.push_str(", ");
+        }
+        chain.push_str(&ip.to_string());
+        h.remove(&xff);
+        if let Ok(v) = HeaderValue::from_str(&chain) {
+            h.insert(xff, v);
+        }
+        if !(trusted && h.contains_key(&xfp)) {
+            h.insert(xfp, HeaderValue::from_static("http"));
+        }
+        if !(trusted && h.contains_key(&xfh)) {
+            if let Ok(v) = HeaderValue::from_str(host) {
+                h.insert(xfh, v);
+            }
+        }
+        if !trusted {
+            h.remove(header::FORWARDED);
+        }
+    }
+}
+
+/// A 101 from the instance: answer the client with it and splice the two upgraded connections;
+/// the lease lives as long as the tunnel.
+fn tunnel(resp: Response<Incoming>, client: hyper::upgrade::OnUpgrade, lease: Lease) -> Response<Body> {
+    let (mut parts, _) = resp.into_parts();
+    let upstream = hyper::upgrade::on(Response::from_parts(parts.clone(), ()));
+    let proto = parts.headers.get(header::UPGRADE).cloned();
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Some(p) = proto {
+        parts.headers.insert(header::UPGRADE, p);
+    }
+    tokio::spawn(async move {
+        let _lease = lease;
+        match tokio::try_join!(client, upstream) {
+            Ok((c, u)) => {
+                let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
+                let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+            }
+            Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+        }
+    });
+    Response::from_parts(parts, Full::new(Bytes::new()).map_err(|n| match n {}).boxed_unsync())
+}
+
+fn wants_upgrade(h: &HeaderMap) -> bool {
+    h.contains_key(header::UPGRADE)
+        && h.get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Removes the hop-by-hop headers of RFC 9110 §7.6.1, and those the Connection header names.
+pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        h.remove(n);
+    }
+}
+
+/// One of the proxy's own answers: a text body and the `berth-error` header naming the cause.
+pub fn error(status: StatusCode, cause: &'static str, msg: String) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(format!("{msg}\n"))).map_err(|n| match n {}).boxed_unsync());
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    h.insert(HeaderName::from_static("berth-error"), HeaderValue::from_static(cause));
+    r
+}
+
+fn refusal(svc: &Service, r: Refusal) -> Response<Body> {
+    let (cause, msg, retry) = match r {
+        Refusal::NotDeployed => {
+            ("not-deployed", format!("service {} has no revision yet: deploy an image", svc.name), 5)
+        }
+        Refusal::QueueFull(n) => {
+            ("queue-full", format!("service {} already holds {n} requests; try again", svc.name), 1)
+        }
+        Refusal::StartFailed(reason) => ("start-failed", format!("service {} could not start: {reason}", svc.name), 5),
+        Refusal::Deleted => ("not-deployed", format!("service {} was deleted", svc.name), 5),
+    };
+    let mut resp = error(StatusCode::SERVICE_UNAVAILABLE, cause, msg);
+    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry));
+    resp
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// A response body that holds the instance's lease until it ends or is dropped.
+struct Leased {
+    inner: Body,
+    lease: Option<Lease>,
+}
+
+impl HttpBody for Leased {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(None) | Poll::Ready(Some(Err(_))) = &r {
+            self.lease = None;
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A request body whose first frames were read while the request was held.
+struct Prefixed {
+    held: std::collections::VecDeque<Frame<Bytes>>,
+    rest: Option<Incoming>,
+}
+
+impl HttpBody for Prefixed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(f) = self.held.pop_front() {
+            return Poll::Ready(Some(Ok(f)));
+        }
+        match self.rest.as_mut() {
+            Some(rest) => Pin::new(rest).poll_frame(cx).map_err(BoxError::from),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.held.is_empty() && self.rest.as_ref().is_none_or(|r| r.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let held: u64 = self.held.iter().filter_map(|f| f.data_ref()).map(|d| d.len() as u64).sum();
+        match &self.rest {
+            None => SizeHint::with_exact(held),
+            Some(r) => {
+                let h = r.size_hint();
+                let mut s = SizeHint::new();
+                s.set_lower(h.lower() + held);
+                if let Some(u) = h.upper() {
+                    s.set_upper(u + held);
+                }
+                s
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_removed() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("connection", "keep-alive, X-Secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("proxy-authorization", "Basic x"),
+            ("x-kept", "yes"),
+            ("content-type", "text/plain"),
+        ] {
+            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort();
+        assert_eq!(left, ["content-type", "x-kept"]);
+    }
+
+    #[test]
+    fn upgrade_needs_both_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(!wants_upgrade(&h));
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, Upgrade"));
+        assert!(wants_upgrade(&h));
+    }
+}

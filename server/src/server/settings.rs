@@ -1,0 +1,280 @@
+//! `berth server`'s options: the clap definition (that is the `--help`) and their validation
+//! into [`Settings`], done before any port is bound or the data directory is touched.
+
+use std::net::{IpAddr, SocketAddr};
+
+/// The options of `berth server`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Where the proxy listens for HTTP requests to services.
+    #[arg(long, env = "BERTH_HTTP_ADDR", default_value = "0.0.0.0:80", value_name = "ADDR")]
+    pub http_addr: String,
+    /// Where the API and the dashboard listen.
+    #[arg(long, env = "BERTH_API_ADDR", default_value = "127.0.0.1:7070", value_name = "ADDR")]
+    pub api_addr: String,
+    /// Services answer at <service>.<domain> (required).
+    #[arg(long, env = "BERTH_DOMAIN", value_name = "DOMAIN")]
+    pub domain: Option<String>,
+    /// The host name the proxy hands to the API, dashboard and git (default: berth.<domain>).
+    #[arg(long, env = "BERTH_CONTROL_HOST", value_name = "HOST")]
+    pub control_host: Option<String>,
+    /// A peer (IP or CIDR) whose X-Forwarded-For is kept; repeat it or separate with commas.
+    #[arg(long, env = "BERTH_TRUSTED_PROXY", value_name = "CIDR", value_delimiter = ',')]
+    pub trusted_proxy: Vec<String>,
+    /// How much of a held request's body the proxy reads into memory while an instance starts
+    /// (the rest streams once it is ready), like 1m or 64k.
+    #[arg(long, env = "BERTH_HOLD_BODY_LIMIT", default_value = "1m", value_name = "SIZE")]
+    pub hold_body_limit: String,
+}
+
+/// The validated options.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub http_addr: SocketAddr,
+    pub api_addr: SocketAddr,
+    /// Lowercase, without a trailing dot.
+    pub domain: String,
+    pub control_host: String,
+    pub trusted_proxies: Vec<Cidr>,
+    pub hold_body_limit: usize,
+}
+
+impl Settings {
+    /// Validates `args`; the error is one line naming the option and the problem.
+    pub fn from_args(args: &Args) -> Result<Settings, String> {
+        let http_addr = addr("--http-addr", &args.http_addr)?;
+        let api_addr = addr("--api-addr", &args.api_addr)?;
+        let Some(domain) = &args.domain else {
+            return Err("--domain is required (or BERTH_DOMAIN): services answer at <service>.<domain>".into());
+        };
+        let domain = dns_name(domain).map_err(|e| format!("--domain {domain:?}: {e}"))?;
+        let control_host = match &args.control_host {
+            Some(h) => dns_name(h).map_err(|e| format!("--control-host {h:?}: {e}"))?,
+            None => {
+                let h = format!("berth.{domain}");
+                dns_name(&h).map_err(|e| format!("--control-host (default {h:?}): {e}; set it explicitly"))?
+            }
+        };
+        let trusted_proxies = args
+            .trusted_proxy
+            .iter()
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
+            .map(|s| s.parse::<Cidr>().map_err(|e| format!("--trusted-proxy {s:?}: {e}")))
+            .collect::<Result<_, _>>()?;
+        let hold_body_limit =
+            berth_agent::engine::parse_size(&args.hold_body_limit).filter(|&n| n <= 1 << 30).ok_or_else(|| {
+                format!("--hold-body-limit {:?}: expected a size up to 1g, like 1m or 64k", args.hold_body_limit)
+            })? as usize;
+        Ok(Settings { http_addr, api_addr, domain, control_host, trusted_proxies, hold_body_limit })
+    }
+}
+
+fn addr(option: &str, s: &str) -> Result<SocketAddr, String> {
+    s.parse().map_err(|_| format!("{option} {s:?}: not an address with a port, like 127.0.0.1:7070 or [::1]:7070"))
+}
+
+/// Validates a DNS name and returns it lowercased, without its trailing dot.
+pub fn dns_name(s: &str) -> Result<String, String> {
+    let name = s.strip_suffix('.').unwrap_or(s).to_ascii_lowercase();
+    if name.is_empty() {
+        return Err("a DNS name cannot be empty".into());
+    }
+    if name.len() > 253 {
+        return Err(format!("a DNS name is at most 253 characters, this one has {}", name.len()));
+    }
+    for label in name.split('.') {
+        label_problem(label).map_err(|e| format!("label {label:?} {e}"))?;
+    }
+    if name.parse::<IpAddr>().is_ok() || name.rsplit('.').next().is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err("an IP address or a name whose last label is numeric is not a domain".into());
+    }
+    Ok(name)
+}
+
+/// Why `label` is not a DNS label (1–63 of `a-z0-9-`, not starting or ending with `-`), if it
+/// is not. Shared with service names, which become labels under the domain.
+pub fn label_problem(label: &str) -> Result<(), String> {
+    if label.is_empty() {
+        return Err("is empty".into());
+    }
+    if label.len() > 63 {
+        return Err(format!("is {} characters long, at most 63 are allowed", label.len()));
+    }
+    if let Some(c) = label.chars().find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-')) {
+        return Err(format!("contains {c:?}: only lowercase letters a-z, digits and '-' are allowed"));
+    }
+    if label.starts_with('-') || label.ends_with('-') {
+        return Err("starts or ends with '-'".into());
+    }
+    Ok(())
+}
+
+/// An IPv4 or IPv6 network; a plain address is a /32 or /128.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => mask(u32::from(ip).into(), 32, self.prefix) == u32::from(net) as u128,
+            (IpAddr::V6(net), IpAddr::V6(ip)) => mask(u128::from(ip), 128, self.prefix) == u128::from(net),
+            _ => false,
+        }
+    }
+}
+
+/// `bits` (an address of `width` bits) with everything after `prefix` cleared.
+fn mask(bits: u128, width: u8, prefix: u8) -> u128 {
+    if prefix == 0 {
+        0
+    } else {
+        let keep = u128::MAX << (width - prefix);
+        bits & keep & (u128::MAX >> (128 - width))
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Cidr, String> {
+        let (ip, prefix) = match s.split_once('/') {
+            Some((ip, p)) => (ip, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = ip.parse().map_err(|_| format!("{ip:?} is not an IPv4 or IPv6 address"))?;
+        let width = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => width,
+            Some(p) => match p.parse::<u8>() {
+                Ok(n) if n <= width && !p.starts_with('+') => n,
+                _ => return Err(format!("prefix length {p:?} must be a number from 0 to {width}")),
+            },
+        };
+        let bits = match addr {
+            IpAddr::V4(a) => u32::from(a) as u128,
+            IpAddr::V6(a) => u128::from(a),
+        };
+        if mask(bits, width, prefix) != bits {
+            return Err(format!("{s} has bits set after the prefix: the network is written with them cleared"));
+        }
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dns_names() {
+        let cases: &[(&str, Result<&str, &str>)] = &[
+            ("example.com", Ok("example.com")),
+            ("Example.COM.", Ok("example.com")),
+            ("test.local", Ok("test.local")),
+            ("localhost", Ok("localhost")),
+            ("a-b.c1.io", Ok("a-b.c1.io")),
+            ("", Err("cannot be empty")),
+            (".", Err("cannot be empty")),
+            ("bad domain", Err("label \"bad domain\" contains ' '")),
+            ("a..b", Err("label \"\" is empty")),
+            ("-a.com", Err("starts or ends with '-'")),
+            ("a-.com", Err("starts or ends with '-'")),
+            ("under_score.com", Err("contains '_'")),
+            ("10.0.0.1", Err("IP address")),
+            ("x.123", Err("numeric")),
+            (&"a".repeat(64), Err("at most 63")),
+        ];
+        for (input, want) in cases {
+            let got = dns_name(input);
+            match (want, &got) {
+                (Ok(w), Ok(g)) => assert_eq!(w, g, "{input:?}"),
+                (Err(w), Err(g)) => assert!(g.contains(w), "{input:?}: got {g:?}, want {w:?}"),
+                _ => panic!("{input:?}: got {got:?}, want {want:?}"),
+            }
+        }
+        let long = ["a".repeat(63), "b".repeat(63), "c".repeat(63), "d".repeat(63)].join(".");
+        assert!(dns_name(&long).unwrap_err().contains("at most 253"));
+    }
+
+    #[test]
+    fn cidrs() {
+        let ok: &[(&str, &str)] = &[
+            ("10.0.0.0/8", "10.0.0.0/8"),
+            ("192.168.1.7", "192.168.1.7/32"),
+            ("0.0.0.0/0", "0.0.0.0/0"),
+            ("::1", "::1/128"),
+            ("fd00::/8", "fd00::/8"),
+        ];
+        for (input, want) in ok {
+            assert_eq!(input.parse::<Cidr>().unwrap().to_string(), *want, "{input}");
+        }
+        let bad: &[(&str, &str)] = &[
+            ("10.0.0.0/99", "prefix length \"99\" must be a number from 0 to 32"),
+            ("10.0.0.0/", "prefix length \"\""),
+            ("10.0.0.0/+8", "prefix length \"+8\""),
+            ("::/129", "from 0 to 128"),
+            ("10.0.0.1/8", "bits set after the prefix"),
+            ("nonsense", "\"nonsense\" is not an IPv4 or IPv6 address"),
+            ("10.0.0/8", "not an IPv4 or IPv6 address"),
+        ];
+        for (input, want) in bad {
+            let err = input.parse::<Cidr>().unwrap_err();
+            assert!(err.contains(want), "{input}: got {err:?}, want {want:?}");
+        }
+    }
+
+    #[test]
+    fn cidr_contains() {
+        let net: Cidr = "10.1.0.0/16".parse().unwrap();
+        assert!(net.contains("10.1.255.3".parse().unwrap()));
+        assert!(!net.contains("10.2.0.1".parse().unwrap()));
+        assert!(!net.contains("::1".parse().unwrap()));
+        assert!("0.0.0.0/0".parse::<Cidr>().unwrap().contains("8.8.8.8".parse().unwrap()));
+        assert!("fd00::/8".parse::<Cidr>().unwrap().contains("fd12::1".parse().unwrap()));
+    }
+
+    fn args(domain: Option<&str>) -> Args {
+        Args {
+            http_addr: "0.0.0.0:80".into(),
+            api_addr: "127.0.0.1:7070".into(),
+            domain: domain.map(Into::into),
+            control_host: None,
+            trusted_proxy: vec![],
+            hold_body_limit: "1m".into(),
+        }
+    }
+
+    #[test]
+    fn settings() {
+        let s = Settings::from_args(&args(Some("Apps.Example.com."))).unwrap();
+        assert_eq!(s.domain, "apps.example.com");
+        assert_eq!(s.control_host, "berth.apps.example.com");
+        type Change = fn(&mut Args);
+        let cases: &[(Change, &str)] = &[
+            (|a| a.domain = None, "--domain is required"),
+            (|a| a.domain = Some("bad domain".into()), "--domain \"bad domain\": label"),
+            (|a| a.api_addr = "nonsense".into(), "--api-addr \"nonsense\": not an address"),
+            (|a| a.http_addr = "127.0.0.1".into(), "--http-addr \"127.0.0.1\""),
+            (|a| a.control_host = Some("a_b".into()), "--control-host \"a_b\""),
+            (|a| a.trusted_proxy = vec!["10.0.0.0/8".into(), "10.0.0.0/99".into()], "--trusted-proxy \"10.0.0.0/99\""),
+        ];
+        for (change, want) in cases {
+            let mut a = args(Some("test.local"));
+            change(&mut a);
+            let err = Settings::from_args(&a).unwrap_err();
+            assert!(err.contains(want), "got {err:?}, want {want:?}");
+            assert!(!err.contains('\n'));
+        }
+    }
+}

@@ -1,0 +1,486 @@
+//! End to end: Berth's main job. A real `berth server`, images from the test world's local
+//! registry, real containers: deploy with the CLI, requests through the proxy, scale to zero
+//! and back, holding, WebSockets, restarts, isolation.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use berth_tests::server::{raw, read_reply, request, Server};
+use berth_tests::Berth;
+use serde_json::{json, Value};
+
+fn python(_: &Berth) -> String {
+    berth_tests::world().image("anon", "python")
+}
+
+fn busybox() -> String {
+    berth_tests::world().image("anon", "busybox")
+}
+
+/// Deploys `image` as `name` with the CLI and waits until it serves.
+fn deploy(s: &Server, b: &Berth, name: &str, image: &str, extra: &[&str]) -> String {
+    let mut args = vec!["deploy", name, "--image", image, "--wait"];
+    args.extend_from_slice(extra);
+    s.cli_ok(b, &args)
+}
+
+fn scale(s: &Server, b: &Berth, name: &str, args: &[&str]) {
+    let mut a = vec!["scale", name];
+    a.extend_from_slice(args);
+    s.cli_ok(b, &a);
+}
+
+fn states(svc: &Value) -> Vec<String> {
+    svc["instances"].as_array().unwrap().iter().map(|i| i["state"].as_str().unwrap().to_string()).collect()
+}
+
+/// Containers of `service` the engine knows, with their status.
+fn containers_of(b: &Berth, service: &str) -> Vec<(String, String)> {
+    let v: Value = serde_json::from_str(&b.ok(&["container", "ls", "--all", "--json"])).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["spec"]["labels"]["berth.service"] == service || c["labels"]["berth.service"] == service)
+        .map(|c| {
+            let status = c["state"]["status"].as_str().or(c["status"].as_str()).unwrap_or("").to_string();
+            (c["id"].as_str().unwrap().to_string(), status)
+        })
+        .collect()
+}
+
+/// How many instances the server has started (its log says "instance ready" for each).
+fn instance_count_started(s: &Server) -> usize {
+    s.log_text().matches("instance ready").count()
+}
+
+#[test]
+fn deploy_with_the_cli_and_serve_through_the_proxy() {
+    let b = Berth::new();
+    let s = Server::start(&b, &[]);
+    let out = deploy(&s, &b, "hello", &busybox(), &[]);
+    assert!(out.contains("revision 1 is serving"), "{out}");
+
+    let r = s.get("hello", "/");
+    assert_eq!((r.status, r.text().as_str()), (200, "hello from berth test world\n"), "{:?}", r.headers);
+    // Host matching: case, trailing dot and port don't matter.
+    for host in ["HELLO.Test.Local", "hello.test.local.", &format!("hello.test.local:{}", s.http)] {
+        let r = request(s.http, "GET", host, "/second.txt", &[], b"").unwrap();
+        assert_eq!((r.status, r.text().as_str()), (200, "second file from layer 2\n"), "Host: {host}");
+    }
+    let r = request(s.http, "GET", "nope.test.local", "/", &[], b"").unwrap();
+    assert_eq!(r.status, 404);
+    assert_eq!(r.header("berth-error"), Some("unknown-host"));
+    assert!(r.text().contains("nope.test.local"), "{}", r.text());
+
+    // The control host reaches the API through the proxy.
+    let t = s.token();
+    let r = request(
+        s.http,
+        "GET",
+        "berth.test.local",
+        "/api/v1/services/hello",
+        &[("Authorization", &format!("Bearer {t}"))],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["revision"], 1);
+
+    let list = s.cli_ok(&b, &["services"]);
+    assert!(list.lines().any(|l| l.starts_with("hello ") && l.contains("ready")), "{list}");
+    let v: Value = serde_json::from_str(&s.cli_ok(&b, &["services", "--json"])).unwrap();
+    assert_eq!(v["services"][0]["port"], Value::Null);
+    assert_eq!(v["services"][0]["instances"][0]["address"].as_str().unwrap().rsplit(':').next(), Some("8080"));
+
+    // Logs: busybox httpd -v logs each response to stderr; nothing of Berth's own is mixed in.
+    let logs = s.cli_ok(&b, &["logs", "hello"]);
+    assert!(logs.matches("response:200").count() >= 4, "{logs}");
+    assert!(!logs.contains("WARN"), "{logs}");
+
+    // A deploy that cannot become ready fails with the reason; the old revision keeps serving.
+    let out = s.cli(&b, &["deploy", "hello", "--image", &busybox(), "--port", "9999", "--timeout", "3s", "--wait"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("did not accept connections on port 9999"), "{err}");
+    let r = s.get("hello", "/");
+    assert_eq!(r.status, 200, "the old revision still serves");
+    assert_eq!(s.service("hello")["revision"], 1);
+
+    s.cli_ok(&b, &["rm", "hello"]);
+    let r = s.get("hello", "/");
+    assert_eq!(r.status, 404);
+    assert!(Berth::wait_until(Duration::from_secs(15), || containers_of(&b, "hello").is_empty()), "instances removed");
+}
+
+#[test]
+fn idle_instances_freeze_then_stop_and_each_time_the_next_request_is_answered() {
+    let b = Berth::new();
+    let s = Server::start(&b, &[]);
+    deploy(&s, &b, "app", &python(&b), &["--env", "WHO=berth"]);
+    scale(&s, &b, "app", &["--freeze-after", "300ms", "--stop-after", "1500ms"]);
+    let r = s.get("app", "/env/WHO");
+    assert_eq!((r.status, r.text().as_str()), (200, "berth"));
+    assert_eq!(s.get("app", "/env/PORT").text(), "8000", "the container gets PORT");
+
+    let svc = s.wait_service("app", Duration::from_secs(10), "a frozen instance", |v| states(v) == ["frozen"]);
+    let id = svc["instances"][0]["id"].as_str().unwrap().to_string();
+    let c = b.inspect(&id);
+    assert_eq!(c["state"]["status"], "paused", "the engine froze the container: {c}");
+    let r = s.get("app", "/");
+    assert_eq!((r.status, r.text().as_str()), (200, "python ok"), "answered from frozen");
+    assert_eq!(s.service("app")["instances"][0]["id"], id, "the same instance, thawed");
+
+    s.wait_service("app", Duration::from_secs(15), "no instance", |v| states(v).is_empty());
+    assert!(
+        Berth::wait_until(Duration::from_secs(10), || containers_of(&b, "app").is_empty()),
+        "at zero no container of the service exists: {:?}",
+        containers_of(&b, "app")
+    );
+    let before = instance_count_started(&s);
+    let r = s.get("app", "/");
+    assert_eq!((r.status, r.text().as_str()), (200, "python ok"), "answered from zero");
+    assert_eq!(instance_count_started(&s), before + 1);
+    // Stopped instances' logs are kept.
+    let logs = s.cli_ok(&b, &["logs", "app"]);
+    assert!(logs.matches("python app listening on port 8000").count() >= 2, "{logs}");
+}
+
+#[test]
+fn a_thousand_concurrent_requests_at_zero_start_exactly_one_instance() {
+    let b = Berth::new();
+    let s = Server::start(&b, &[]);
+    deploy(&s, &b, "burst", &busybox(), &[]);
+    scale(&s, &b, "burst", &["--max", "1", "--queue", "2000", "--freeze-after", "200ms", "--stop-after", "200ms"]);
+    // busybox httpd ignores SIGTERM as PID 1: it stops at the grace period's end (10 s).
+    s.wait_service("burst", Duration::from_secs(25), "zero instances", |v| states(v).is_empty());
+    let before = instance_count_started(&s);
+    let port = s.http;
+    let threads: Vec<_> = (0..1000)
+        .map(|_| {
+            std::thread::Builder::new()
+                .stack_size(64 * 1024)
+                .spawn(move || request(port, "GET", "burst.test.local", "/", &[], b"").map(|r| r.status))
+                .unwrap()
+        })
+        .collect();
+    let mut statuses = std::collections::BTreeMap::new();
+    for t in threads {
+        let st = match t.join().unwrap() {
+            Ok(code) => code.to_string(),
+            Err(e) => format!("error: {e}"),
+        };
+        *statuses.entry(st).or_insert(0) += 1;
+    }
+    assert_eq!(statuses, [("200".to_string(), 1000)].into(), "all answered 200");
+    assert_eq!(instance_count_started(&s) - before, 1, "exactly one instance started");
+}
+
+#[test]
+fn held_requests_keep_their_body_websockets_work_from_zero_and_a_leaving_client_leaks_nothing() {
+    let b = Berth::new();
+    let s = Server::start(&b, &["--hold-body-limit", "64k"]);
+    deploy(&s, &b, "echo", &python(&b), &[]);
+    let zero = |s: &Server| {
+        scale(s, &b, "echo", &["--freeze-after", "100ms", "--stop-after", "100ms"]);
+        s.wait_service("echo", Duration::from_secs(10), "zero instances", |v| states(v).is_empty());
+    };
+
+    // A 300 KB body (more than the hold buffer) sent to a service at zero arrives intact.
+    zero(&s);
+    let body: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let r = request(s.http, "POST", "echo.test.local", "/echo", &[], &body).unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.body == body, "the echoed body differs ({} bytes back)", r.body.len());
+    // Chunked, with Expect: 100-continue.
+    zero(&s);
+    let mut conn = TcpStream::connect(("127.0.0.1", s.http)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    conn.write_all(
+        b"POST /echo HTTP/1.1\r\nHost: echo.test.local\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .unwrap();
+    let mut rd = BufReader::new(conn.try_clone().unwrap());
+    let cont = read_reply(&mut rd, true).unwrap();
+    assert_eq!(cont.status, 100, "100 Continue before the body");
+    conn.write_all(b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n").unwrap();
+    let r = read_reply(&mut rd, false).unwrap();
+    assert_eq!((r.status, r.text().as_str()), (200, "hello world"));
+
+    // A WebSocket opened to a service at zero echoes.
+    zero(&s);
+    let mut ws = TcpStream::connect(("127.0.0.1", s.http)).unwrap();
+    ws.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    ws.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: echo.test.local\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .unwrap();
+    let mut rd = BufReader::new(ws.try_clone().unwrap());
+    let up = read_reply(&mut rd, true).unwrap();
+    assert_eq!(up.status, 101, "{:?}", up.headers);
+    assert_eq!(up.header("sec-websocket-accept"), Some("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="));
+    for msg in [&b"hi from a cold start"[..], &[7u8; 1000][..]] {
+        ws.write_all(&ws_frame(msg)).unwrap();
+        let got = ws_read(&mut rd);
+        assert_eq!(got, msg);
+    }
+    // An open WebSocket is activity: the instance is neither frozen nor stopped under it.
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(states(&s.service("echo")), ["ready"], "nothing scales down under a live connection");
+    ws.write_all(&ws_frame(b"still here")).unwrap();
+    assert_eq!(ws_read(&mut rd), b"still here");
+    drop(rd);
+    drop(ws);
+
+    // A client that gives up while held is counted out; the service still goes to zero.
+    zero(&s);
+    scale(&s, &b, "echo", &["--freeze-after", "300ms", "--stop-after", "300ms"]);
+    for _ in 0..5 {
+        let mut c = TcpStream::connect(("127.0.0.1", s.http)).unwrap();
+        c.write_all(b"GET /sleep/10 HTTP/1.1\r\nHost: echo.test.local\r\n\r\n").unwrap();
+        drop(c);
+    }
+    let v = s.wait_service("echo", Duration::from_secs(15), "back to zero", |v| {
+        v["queued"] == 0 && v["in_flight"] == 0 && states(v).is_empty() && v["status"] != "starting"
+    });
+    assert_eq!(v["queued"], 0);
+}
+
+fn ws_frame(payload: &[u8]) -> Vec<u8> {
+    let mask = [1u8, 2, 3, 4];
+    let mut f = vec![0x82];
+    if payload.len() < 126 {
+        f.push(0x80 | payload.len() as u8);
+    } else {
+        f.push(0x80 | 126);
+        f.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    }
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+fn ws_read(r: &mut impl Read) -> Vec<u8> {
+    let mut h = [0u8; 2];
+    r.read_exact(&mut h).unwrap();
+    let mut len = (h[1] & 0x7f) as usize;
+    if len == 126 {
+        let mut l = [0u8; 2];
+        r.read_exact(&mut l).unwrap();
+        len = u16::from_be_bytes(l) as usize;
+    }
+    let mut p = vec![0; len];
+    r.read_exact(&mut p).unwrap();
+    p
+}
+
+#[test]
+fn killing_the_server_keeps_instances_and_a_new_one_re_adopts_them() {
+    let b = Berth::new();
+    let mut s = Server::start(&b, &[]);
+    deploy(&s, &b, "keep", &python(&b), &[]);
+    assert_eq!(s.get("keep", "/").status, 200);
+    let before = s.service("keep");
+    let id = before["instances"][0]["id"].as_str().unwrap().to_string();
+
+    s.kill9();
+    assert_eq!(b.inspect(&id)["state"]["status"], "running", "the instance outlives the server");
+    let started = instance_count_started(&s);
+    s.restart(&b);
+    let after = s.service("keep");
+    assert_eq!(after["revision"], 1, "nothing redeployed");
+    assert_eq!(after["instances"][0]["id"], id, "the same container, re-adopted: {after:#}");
+    let r = s.get("keep", "/");
+    assert_eq!((r.status, r.text().as_str()), (200, "python ok"));
+    assert_eq!(instance_count_started(&s), started, "no instance started");
+    assert!(s.log_text().contains("instance re-adopted"), "{}", s.log_text());
+}
+
+#[test]
+fn containers_reach_neither_the_api_nor_other_services() {
+    let b = Berth::new();
+    let api = berth_tests::server::free_port();
+    let s = Server::start(&b, &["--api-addr", &format!("0.0.0.0:{api}")]);
+    deploy(&s, &b, "one", &python(&b), &[]);
+    deploy(&s, &b, "two", &python(&b), &[]);
+    scale(&s, &b, "one", &["--min", "1"]);
+    scale(&s, &b, "two", &["--min", "1"]);
+    assert_eq!(s.get("two", "/").status, 200);
+    let two = s.service("two")["instances"][0]["address"].as_str().unwrap().to_string();
+    let gateway = {
+        let net = b.subnet.split('/').next().unwrap().rsplit_once('.').unwrap().0.to_string();
+        format!("{net}.1")
+    };
+    // The host's API port, through the bridge address.
+    let r = s.get("one", &format!("/connect/{gateway}/{api}"));
+    assert_eq!(r.status, 502, "the API is reachable from a container: {}", r.text());
+    // Another service's container, directly.
+    let (ip, port) = two.split_once(':').unwrap();
+    let r = s.get("one", &format!("/connect/{ip}/{port}"));
+    assert_eq!(r.status, 502, "one reached two directly: {}", r.text());
+    // Control: the host itself reaches both (the rule is about containers).
+    assert_eq!(request(api, "GET", "127.0.0.1", "/api/v1/health", &[], b"").unwrap().status, 200);
+    assert!(TcpStream::connect(two.as_str()).is_ok(), "the host reaches the instance");
+}
+
+#[test]
+fn proxy_errors_are_fixed_and_explained() {
+    let b = Berth::new();
+    let s = Server::start(&b, &[]);
+    // Not deployed yet.
+    s.call("POST", "/api/v1/services", Some(json!({"name": "empty"})));
+    let r = s.get("empty", "/");
+    assert_eq!((r.status, r.header("berth-error")), (503, Some("not-deployed")));
+    assert!(r.header("retry-after").is_some());
+
+    deploy(&s, &b, "err", &python(&b), &[]);
+    // 502: the instance dies mid-request (it answers, then exits; the next request finds it gone).
+    let r = s.get("err", "/exit/3");
+    assert_eq!(r.status, 200);
+    std::thread::sleep(Duration::from_millis(100));
+    let r = s.get("err", "/");
+    assert!(
+        r.status == 200 || (r.status == 502 && r.header("berth-error") == Some("upstream-failed")),
+        "{} {:?}",
+        r.status,
+        r.headers
+    );
+    // 504: a held request's time runs out before an instance is ready.
+    scale(&s, &b, "err", &["--freeze-after", "100ms", "--stop-after", "100ms"]);
+    s.wait_service("err", Duration::from_secs(10), "zero", |v| states(v).is_empty());
+    scale(&s, &b, "err", &["--request-timeout", "5ms"]);
+    let r = s.get("err", "/");
+    assert_eq!((r.status, r.header("berth-error")), (504, Some("cold-start-timeout")), "{}", r.text());
+    // 503 queue-full: one place in the queue, many requests at zero.
+    scale(&s, &b, "err", &["--request-timeout", "30s", "--queue", "1", "--max", "1"]);
+    s.wait_service("err", Duration::from_secs(10), "zero", |v| states(v).is_empty());
+    let port = s.http;
+    let ts: Vec<_> = (0..8)
+        .map(|_| std::thread::spawn(move || request(port, "GET", "err.test.local", "/sleep/300", &[], b"").unwrap()))
+        .collect();
+    let replies: Vec<_> = ts.into_iter().map(|t| t.join().unwrap()).collect();
+    let full: Vec<_> = replies.iter().filter(|r| r.status == 503).collect();
+    assert!(!full.is_empty(), "{:?}", replies.iter().map(|r| r.status).collect::<Vec<_>>());
+    assert!(full.iter().all(|r| r.header("berth-error") == Some("queue-full") && r.header("retry-after") == Some("1")));
+    // 503 start-failed, with the reason: the revision's image is gone from the store.
+    s.wait_service("err", Duration::from_secs(10), "zero", |v| states(v).is_empty());
+    assert!(Berth::wait_until(Duration::from_secs(10), || containers_of(&b, "err").is_empty()));
+    b.ok(&["image", "rm", &python(&b)]);
+    let r = s.get("err", "/");
+    assert_eq!((r.status, r.header("berth-error")), (503, Some("start-failed")), "{}", r.text());
+    assert!(r.text().contains("not in the store"), "{}", r.text());
+}
+
+#[test]
+fn proxy_conformance() {
+    let b = Berth::new();
+    let s = Server::start(&b, &["--trusted-proxy", "127.0.0.2"]);
+    deploy(&s, &b, "conf", &python(&b), &[]);
+    scale(&s, &b, "conf", &["--min", "1"]);
+    let h = "conf.test.local";
+
+    // Request headers as the instance sees them: hop-by-hop ones gone (also those Connection
+    // names), X-Forwarded-* set, a client's X-Forwarded-For dropped (the peer is not trusted).
+    let r = request(
+        s.http,
+        "GET",
+        h,
+        "/headers",
+        &[
+            ("Connection", "close, X-Hop"),
+            ("X-Hop", "secret"),
+            ("Keep-Alive", "timeout=5"),
+            ("Proxy-Authorization", "Basic eA=="),
+            ("TE", "trailers"),
+            ("X-Forwarded-For", "6.6.6.6"),
+            ("X-Forwarded-Proto", "https"),
+            ("X-App", "kept"),
+        ],
+        b"",
+    )
+    .unwrap();
+    let seen = r.text();
+    let table: &[(&str, bool)] = &[
+        ("x-hop:", false),
+        ("keep-alive:", false),
+        ("proxy-authorization:", false),
+        ("te:", false),
+        ("6.6.6.6", false),
+        ("x-forwarded-for: 127.0.0.1\n", true),
+        ("x-forwarded-proto: http\n", true),
+        ("x-forwarded-host: conf.test.local\n", true),
+        ("x-app: kept\n", true),
+        ("host: conf.test.local\n", true),
+    ];
+    for (needle, present) in table {
+        assert_eq!(seen.contains(needle), *present, "{needle:?} in the upstream request:\n{seen}");
+    }
+    // From a trusted peer the chain is kept and extended.
+    let sock = socket_from("127.0.0.2", s.http);
+    let mut rd = BufReader::new(sock.try_clone().unwrap());
+    (&sock)
+        .write_all(
+            b"GET /headers HTTP/1.1\r\nHost: conf.test.local\r\nX-Forwarded-For: 6.6.6.6\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
+    let r = read_reply(&mut rd, false).unwrap();
+    assert!(r.text().contains("x-forwarded-for: 6.6.6.6, 127.0.0.2\n"), "{}", r.text());
+
+    // Both Content-Length and Transfer-Encoding: refused.
+    let r = raw(
+        s.http,
+        b"POST /echo HTTP/1.1\r\nHost: conf.test.local\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    )
+    .unwrap();
+    assert_eq!(r.status, 400, "{}", r.text());
+    // Headers over the limit: 431.
+    let big = format!("GET / HTTP/1.1\r\nHost: {h}\r\nX-Big: {}\r\n\r\n", "a".repeat(100_000));
+    let r = raw(s.http, big.as_bytes()).unwrap();
+    assert_eq!(r.status, 431);
+    // No Host at all.
+    let r = raw(s.http, b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    assert_eq!(r.status, 400);
+
+    // Keep-alive: three requests on one connection.
+    let conn = TcpStream::connect(("127.0.0.1", s.http)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut rd = BufReader::new(conn.try_clone().unwrap());
+    for _ in 0..3 {
+        (&conn).write_all(format!("GET / HTTP/1.1\r\nHost: {h}\r\n\r\n").as_bytes()).unwrap();
+        let r = read_reply(&mut rd, false).unwrap();
+        assert_eq!((r.status, r.text().as_str()), (200, "python ok"));
+    }
+
+    // Streaming: the first chunk arrives while the app is still writing the rest.
+    let conn = TcpStream::connect(("127.0.0.1", s.http)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    (&conn).write_all(format!("GET /stream/5 HTTP/1.1\r\nHost: {h}\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
+    let t0 = Instant::now();
+    let mut rd = BufReader::new(conn);
+    let head = read_reply(&mut rd, true).unwrap();
+    assert_eq!(head.status, 200);
+    let mut first = String::new();
+    rd.read_line(&mut first).unwrap(); // chunk size
+    first.clear();
+    rd.read_line(&mut first).unwrap();
+    assert_eq!(first, "chunk 0\n");
+    assert!(t0.elapsed() < Duration::from_millis(600), "first chunk after {:?}: not streamed", t0.elapsed());
+    let mut rest = String::new();
+    rd.read_to_string(&mut rest).unwrap();
+    assert!(rest.contains("chunk 4\n"), "{rest}");
+}
+
+/// A connection to 127.0.0.1:`port` from source address `src` (another loopback address).
+fn socket_from(src: &str, port: u16) -> TcpStream {
+    use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
+    use std::os::fd::AsRawFd;
+    let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::empty(), None).unwrap();
+    let src: std::net::SocketAddrV4 = format!("{src}:0").parse().unwrap();
+    bind(fd.as_raw_fd(), &SockaddrIn::from(src)).unwrap();
+    let dst: std::net::SocketAddrV4 = format!("127.0.0.1:{port}").parse().unwrap();
+    connect(fd.as_raw_fd(), &SockaddrIn::from(dst)).unwrap();
+    let s = TcpStream::from(fd);
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
