@@ -783,3 +783,36 @@ fn logs_follow_until_the_container_exits() {
     let first = stdout(&t).lines().next().unwrap().to_string();
     assert!(first.ends_with("Z one") && first.starts_with("20"), "{first}");
 }
+
+#[test]
+fn fast_exiting_foreground_runs_never_hang() {
+    // Regression: a container that exits within microseconds of starting has its `exited`
+    // message right behind `started` on the shim's socket; reading `started` through a buffer
+    // once swallowed it, and `berth run` and the shim then waited for each other forever.
+    let w = world();
+    let b = Berth::new();
+    let image = w.image("anon", "busybox");
+    b.ok(&["image", "pull", "-q", &image]);
+    for i in 0..40 {
+        let mut child = b
+            .cmd()
+            .args(["run", "--rm", "-q", &image, "--", "true"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let end = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if Instant::now() > end {
+                let _ = child.kill();
+                panic!("run {i} of `berth run --rm IMG -- true` hung for 20s");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        assert!(status.success(), "run {i}: {status}");
+    }
+}

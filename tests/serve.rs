@@ -335,17 +335,21 @@ fn proxy_errors_are_fixed_and_explained() {
     assert!(r.header("retry-after").is_some());
 
     deploy(&s, &b, "err", &python(&b), &[]);
-    // 502: the instance dies mid-request (it answers, then exits; the next request finds it gone).
-    let r = s.get("err", "/exit/3");
-    assert_eq!(r.status, 200);
-    std::thread::sleep(Duration::from_millis(100));
+    // 502: the instance dies in the middle of a request.
+    let id = s.service("err")["instances"][0]["id"].as_str().unwrap().to_string();
+    let port = s.http;
+    let slow = std::thread::spawn(move || request(port, "GET", "err.test.local", "/sleep/3000", &[], b"").unwrap());
+    std::thread::sleep(Duration::from_millis(500));
+    b.ok(&["container", "stop", "--time", "0", &id]);
+    let r = slow.join().unwrap();
+    assert_eq!((r.status, r.header("berth-error")), (502, Some("upstream-failed")), "{}", r.text());
+    // The dead instance is noticed and replaced by the next request.
     let r = s.get("err", "/");
-    assert!(
-        r.status == 200 || (r.status == 502 && r.header("berth-error") == Some("upstream-failed")),
-        "{} {:?}",
-        r.status,
-        r.headers
-    );
+    assert!(r.status == 200 || r.status == 502, "{} {}", r.status, r.text());
+    s.wait_service("err", Duration::from_secs(10), "a healthy instance", |v| {
+        v["instances"].as_array().unwrap().iter().all(|i| i["id"] != id.as_str())
+    });
+    assert_eq!(s.get("err", "/").status, 200);
     // 504: a held request's time runs out before an instance is ready.
     scale(&s, &b, "err", &["--freeze-after", "100ms", "--stop-after", "100ms"]);
     s.wait_service("err", Duration::from_secs(10), "zero", |v| states(v).is_empty());
@@ -375,7 +379,7 @@ fn proxy_errors_are_fixed_and_explained() {
 #[test]
 fn proxy_conformance() {
     let b = Berth::new();
-    let s = Server::start(&b, &["--trusted-proxy", "127.0.0.2"]);
+    let s = Server::start(&b, &["--trusted-proxy", "127.0.0.2", "--header-timeout", "500ms"]);
     deploy(&s, &b, "conf", &python(&b), &[]);
     scale(&s, &b, "conf", &["--min", "1"]);
     let h = "conf.test.local";
@@ -441,6 +445,19 @@ fn proxy_conformance() {
     // No Host at all.
     let r = raw(s.http, b"GET / HTTP/1.0\r\n\r\n").unwrap();
     assert_eq!(r.status, 400);
+    // A client that sends its headers too slowly is cut off at --header-timeout.
+    let mut slow = TcpStream::connect(("127.0.0.1", s.http)).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: conf.test.local\r\n").unwrap();
+    let t0 = Instant::now();
+    let mut buf = Vec::new();
+    let _ = slow.read_to_end(&mut buf);
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_millis(400) && waited < Duration::from_secs(4),
+        "closed after {waited:?}, answer {:?}",
+        String::from_utf8_lossy(&buf)
+    );
 
     // Keep-alive: three requests on one connection.
     let conn = TcpStream::connect(("127.0.0.1", s.http)).unwrap();

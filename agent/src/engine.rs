@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::OsString;
 use std::fs;
-use std::io::{self, BufRead, BufReader, Read};
+use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -327,10 +327,22 @@ impl Engine {
         std::thread::spawn(move || {
             let _ = child.wait();
         });
-        let mut reader = BufReader::new(ours.try_clone().map_err(io_err("cloning the shim socket"))?);
         let _ = ours.set_read_timeout(Some(Duration::from_secs(120)));
-        let mut line = String::new();
-        reader.read_line(&mut line).map_err(io_err("waiting for the shim"))?;
+        // Byte by byte, not through a BufReader: a container that exits at once has its
+        // `exited` message right behind this line, and a buffered read would swallow it, leaving
+        // the attached client and the shim each waiting for the other.
+        let mut raw = Vec::new();
+        let mut byte = [0u8; 1];
+        loop {
+            match (&ours).read(&mut byte) {
+                Ok(0) => break,
+                Ok(_) if byte[0] == b'\n' => break,
+                Ok(_) => raw.push(byte[0]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(io_err("waiting for the shim")(e)),
+            }
+        }
+        let line = String::from_utf8_lossy(&raw);
         let line = line.trim_end();
         if let Some(reason) = line.strip_prefix("error ") {
             return Err(Error::Start(id[..12].to_string(), reason.to_string()));

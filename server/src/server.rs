@@ -97,6 +97,7 @@ async fn serve(data_dir: &Path, cfg: berth_agent::Config, settings: Settings) ->
         app.clone(),
         settings.trusted_proxies.clone(),
         settings.hold_body_limit,
+        settings.header_timeout,
         subnet,
     ));
     tracing::info!(

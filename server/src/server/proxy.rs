@@ -34,6 +34,7 @@ use http::{Request, Response, StatusCode, Uri};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use hyper_util::client::legacy::connect::dns::Name;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -47,19 +48,48 @@ use super::platform::{Acquired, Lease, Platform, Refusal, Route, Service};
 use super::settings::Cidr;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type ResolveFn = fn(Name) -> std::future::Ready<Result<std::iter::Once<SocketAddr>, std::io::Error>>;
+type Resolver = tower::util::ServiceFn<ResolveFn>;
+
+/// The host name an instance's upstream connections are pooled under: unique per instance
+/// (service id and slot), with the address in it. Pooling by `ip:port` alone could hand a
+/// connection opened to a stopped instance to a new one that got the same address.
+fn instance_authority(service: i64, lease: &Lease) -> String {
+    let SocketAddr::V4(a) = lease.addr else { return lease.addr.to_string() };
+    let [o1, o2, o3, o4] = a.ip().octets();
+    format!("s{service}-i{}-{o1}-{o2}-{o3}-{o4}.instance:{}", lease.slot(), a.port())
+}
+
+/// The address in an [`instance_authority`] name (the connector takes the port from the URI).
+fn instance_addr(name: &str) -> Option<SocketAddr> {
+    let host = name.strip_suffix(".instance")?;
+    let mut parts = host.rsplitn(5, '-');
+    let o4 = parts.next()?.parse().ok()?;
+    let o3 = parts.next()?.parse().ok()?;
+    let o2 = parts.next()?.parse().ok()?;
+    let o1 = parts.next()?.parse().ok()?;
+    Some(SocketAddr::new(std::net::Ipv4Addr::new(o1, o2, o3, o4).into(), 0))
+}
+
+fn resolve(name: Name) -> std::future::Ready<Result<std::iter::Once<SocketAddr>, std::io::Error>> {
+    std::future::ready(
+        instance_addr(name.as_str())
+            .map(std::iter::once)
+            .ok_or_else(|| std::io::Error::other(format!("{} is not an instance name", name.as_str()))),
+    )
+}
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 
 /// Request heads larger than this are refused (431) by the HTTP parser.
 const MAX_HEAD: usize = 64 * 1024;
-/// A client must send its request head within this time.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Proxy {
     platform: Arc<Platform>,
-    client: Client<HttpConnector, Body>,
+    client: Client<HttpConnector<Resolver>, Body>,
     control: axum::Router,
     trusted: Vec<Cidr>,
     hold_body_limit: usize,
+    header_timeout: Duration,
     /// Containers' subnet: they are not let through to the control host.
     containers: berth_agent::network::Subnet,
 }
@@ -70,16 +100,17 @@ impl Proxy {
         control: axum::Router,
         trusted: Vec<Cidr>,
         hold_body_limit: usize,
+        header_timeout: Duration,
         containers: berth_agent::network::Subnet,
     ) -> Proxy {
-        let mut http = HttpConnector::new();
+        let mut http = HttpConnector::new_with_resolver(tower::service_fn(resolve as ResolveFn));
         http.set_nodelay(true);
         http.set_connect_timeout(Some(Duration::from_secs(5)));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_timer(TokioTimer::new())
             .build(http);
-        Proxy { platform, client, control, trusted, hold_body_limit, containers }
+        Proxy { platform, client, control, trusted, hold_body_limit, header_timeout, containers }
     }
 
     /// Accepts connections until `shutdown` resolves.
@@ -100,6 +131,7 @@ impl Proxy {
             };
             let _ = stream.set_nodelay(true);
             let me = self.clone();
+            let me_timeout = self.header_timeout;
             tokio::spawn(async move {
                 let flags = framing::Flags::default();
                 let io = TokioIo::new(framing::Watched::new(stream, flags.clone()));
@@ -109,7 +141,7 @@ impl Proxy {
                     async move { Ok::<_, Infallible>(me.handle(req, peer, both).await) }
                 });
                 let mut b = hyper::server::conn::http1::Builder::new();
-                b.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT).max_buf_size(MAX_HEAD);
+                b.timer(TokioTimer::new()).header_read_timeout(me_timeout).max_buf_size(MAX_HEAD);
                 let _ = b.serve_connection(io, svc).with_upgrades().await;
             });
         }
@@ -218,7 +250,7 @@ impl Proxy {
         };
 
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        parts.uri = match Uri::try_from(format!("http://{}{path}", lease.addr)) {
+        parts.uri = match Uri::try_from(format!("http://{}{path}", instance_authority(svc.id, &lease))) {
             Ok(u) => u,
             Err(_) => {
                 return error(StatusCode::BAD_REQUEST, "bad-request", "the request target is not a valid path".into())
@@ -503,6 +535,13 @@ mod tests {
         let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         left.sort();
         assert_eq!(left, ["content-type", "x-kept"]);
+    }
+
+    #[test]
+    fn instance_names_carry_the_address() {
+        assert_eq!(instance_addr("s3-i12-10-88-0-2.instance"), Some("10.88.0.2:0".parse().unwrap()));
+        assert_eq!(instance_addr("s3-i12-10-88-0.instance"), None);
+        assert_eq!(instance_addr("example.com"), None);
     }
 
     #[test]

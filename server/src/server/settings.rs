@@ -25,6 +25,10 @@ pub struct Args {
     /// (the rest streams once it is ready), like 1m or 64k.
     #[arg(long, env = "BERTH_HOLD_BODY_LIMIT", default_value = "1m", value_name = "SIZE")]
     pub hold_body_limit: String,
+    /// How long a client may take to send a request's headers before the proxy closes the
+    /// connection, like 10s.
+    #[arg(long, env = "BERTH_HEADER_TIMEOUT", default_value = "10s", value_name = "DUR")]
+    pub header_timeout: String,
 }
 
 /// The validated options.
@@ -37,6 +41,7 @@ pub struct Settings {
     pub control_host: String,
     pub trusted_proxies: Vec<Cidr>,
     pub hold_body_limit: usize,
+    pub header_timeout: std::time::Duration,
 }
 
 impl Settings {
@@ -66,7 +71,13 @@ impl Settings {
             berth_agent::engine::parse_size(&args.hold_body_limit).filter(|&n| n <= 1 << 30).ok_or_else(|| {
                 format!("--hold-body-limit {:?}: expected a size up to 1g, like 1m or 64k", args.hold_body_limit)
             })? as usize;
-        Ok(Settings { http_addr, api_addr, domain, control_host, trusted_proxies, hold_body_limit })
+        let header_timeout = super::scaling::parse_duration(&args.header_timeout)
+            .map(std::time::Duration::from_millis)
+            .map_err(|e| format!("--header-timeout: {e}"))?;
+        if header_timeout.is_zero() {
+            return Err("--header-timeout: must be more than 0".into());
+        }
+        Ok(Settings { http_addr, api_addr, domain, control_host, trusted_proxies, hold_body_limit, header_timeout })
     }
 }
 
@@ -252,6 +263,7 @@ mod tests {
             control_host: None,
             trusted_proxy: vec![],
             hold_body_limit: "1m".into(),
+            header_timeout: "10s".into(),
         }
     }
 
