@@ -66,7 +66,7 @@ def first_byte(port, host, path="/", addr="127.0.0.1"):
 class World:
     def __init__(self, work):
         self.proc = subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, "tests/world/world.py"), "serve", "--images", "busybox,python"],
+            [sys.executable, os.path.join(ROOT, "tests/world/world.py"), "serve", "--images", "busybox,python,nginx"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self.info = json.loads(self.proc.stdout.readline())
 
@@ -200,27 +200,36 @@ def ms(x):
 
 
 def bench_cold(work, world):
+    for image in ("nginx", "python"):
+        cold_one(os.path.join(work, image), world, image)
+
+
+def cold_one(work, world, image):
+    os.makedirs(work)
     srv = Server(work)
     try:
-        srv.deploy("cold", world.image("python"), scaling=dict(freeze_after="50ms", stop_after="50ms"))
+        srv.deploy("cold", world.image(image), scaling=dict(freeze_after="50ms", stop_after="50ms"))
         berth = []
         for i in range(RUNS):
             srv.wait_zero("cold")
             t, status = first_byte(srv.http, "cold." + DOMAIN)
             assert " 200 " in status + " ", status
             berth.append(t)
-        # runc: the same image as an OCI bundle (umoci), host network, app on its own port.
+        # runc: the same image as an OCI bundle (umoci), host network, app on a free port.
         bundle = os.path.join(work, "bundle")
-        subprocess.run(["umoci", "unpack", "--image", world.layout("python") + ":latest", bundle],
+        subprocess.run(["umoci", "unpack", "--image", world.layout(image) + ":latest", bundle],
                        check=True, capture_output=True)
         cfg_path = os.path.join(bundle, "config.json")
         cfg = json.load(open(cfg_path))
         cfg["linux"]["namespaces"] = [n for n in cfg["linux"]["namespaces"] if n["type"] != "network"]
         cfg["process"]["terminal"] = False
         port = free_port()
-        cfg["process"]["env"].append("PORT=%d" % port)
-        cfg["process"]["env"].append("BIND=127.0.0.1")
+        cfg["process"]["env"] += ["PORT=%d" % port, "BIND=127.0.0.1"]
         json.dump(cfg, open(cfg_path, "w"))
+        conf = os.path.join(bundle, "rootfs/etc/nginx/nginx.conf")
+        if image == "nginx":
+            text = open(conf).read().replace("listen 8080;", "listen 127.0.0.1:%d;" % port)
+            open(conf, "w").write(text)
         runc = []
         root = os.path.join(work, "runc")
         for i in range(RUNS):
@@ -237,8 +246,8 @@ def bench_cold(work, world):
             runc.append(time.perf_counter() - t0)
             subprocess.run(["runc", "--root", root, "delete", "-f", cid], capture_output=True)
         b, r = statistics.median(berth), statistics.median(runc)
-        print("cold start -> first byte, python image, median of %d: berth %s, runc run -d %s, "
-              "ratio berth/runc = %.2fx (target <= 0.5x)" % (RUNS, ms(b), ms(r), b / r))
+        print("cold start -> first byte, %s image, median of %d: berth %s, runc run -d %s, "
+              "ratio berth/runc = %.2fx (target <= 0.5x)" % (image, RUNS, ms(b), ms(r), b / r))
     finally:
         srv.stop()
 
@@ -277,7 +286,8 @@ def bench_throughput(work, world):
     srv = Server(work)
     procs = []
     try:
-        srv.deploy("tp", world.image("python"), scaling=dict(min=1, max=1, concurrency=1000))
+        srv.deploy("tp", world.image("nginx"), scaling=dict(min=1, max=1, concurrency=1000, freeze_after="1h",
+                                                            stop_after="1h"))
         addr = srv.service("tp")["instances"][0]["address"]
         nport, cport = free_port(), free_port()
         conf = os.path.join(work, "nginx.conf")
@@ -308,7 +318,7 @@ http { access_log off;
             print("throughput via %-5s: %8.0f req/s, p99 %s %s" % (name, rps, ms(p99), " ".join(bad)))
         (b, bp, _), (n, np_, _) = results["berth"], results["nginx"]
         print("throughput ratio berth/nginx = %.2fx (target >= 1.0x), p99 berth/nginx = %.2fx (target <= 1.0x); "
-              "backend: python http.server (keep-alive) in a Berth container" % (b / n, bp / np_))
+              "backend: nginx (one worker, keep-alive, 200 'nginx ok') in a Berth container" % (b / n, bp / np_))
     finally:
         for p in procs:
             p.terminate()

@@ -106,6 +106,15 @@ fn deploy_with_the_cli_and_serve_through_the_proxy() {
     let r = s.get("hello", "/");
     assert_eq!(r.status, 200, "the old revision still serves");
     assert_eq!(s.service("hello")["revision"], 1);
+    // A revision whose process exits at once: the reason is its exit code and log tail.
+    let out = s.cli(&b, &["deploy", "crash", "--image", &python(&b), "--env", "BIND=no.such.host.invalid", "--wait"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("exited with code 1") && err.contains("last log lines") && err.contains("Errno"), "{err}");
+    let v = s.service("crash");
+    assert_eq!((v["status"].as_str(), v["revision"].as_i64()), (Some("not-deployed"), None), "{v}");
+    let r = s.get("crash", "/");
+    assert_eq!((r.status, r.header("berth-error")), (503, Some("not-deployed")));
 
     s.cli_ok(&b, &["rm", "hello"]);
     let r = s.get("hello", "/");

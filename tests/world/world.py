@@ -54,6 +54,7 @@ RECIPES = {
     "busybox": "1",
     "busybox-zstd": "1",
     "python": "3",
+    "nginx": "2",
 }
 IMAGE_NAMES = list(RECIPES)
 
@@ -715,7 +716,66 @@ def build_python(out, workdir):
     w.finish(PYTHON_CONFIG)
 
 
+NGINX_CONF = """daemon off;
+master_process off;
+worker_processes 1;
+error_log stderr warn;
+pid /tmp/nginx.pid;
+events { worker_connections 1000; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    client_body_temp_path /tmp/body;
+    proxy_temp_path /tmp/proxy;
+    fastcgi_temp_path /tmp/fastcgi;
+    uwsgi_temp_path /tmp/uwsgi;
+    scgi_temp_path /tmp/scgi;
+    server {
+        listen 8080;
+        location / { default_type text/plain; return 200 "nginx ok\\n"; }
+    }
+}
+"""
+
+NGINX_CONFIG = {
+    "Cmd": ["/usr/sbin/nginx", "-c", "/etc/nginx/nginx.conf", "-e", "stderr"],
+    "Env": [PATH_ENV],
+    "ExposedPorts": {"8080/tcp": {}},
+    "WorkingDir": "/",
+    "Labels": {"org.berth.test": "nginx"},
+    "StopSignal": "SIGTERM",
+}
+
+
+def build_nginx(out, workdir):
+    """A fast keep-alive HTTP backend for the proxy benchmarks: Debian's nginx-light binary and
+    the shared libraries ldd names, over the busybox base layer."""
+    nginx = "/usr/sbin/nginx"
+    if not os.path.exists(nginx):
+        raise SystemExit("[world] image nginx needs Debian's nginx-light package (scripts/install-test-deps installs it)")
+    (p1, _), _ = busybox_layers(workdir)
+    l2 = LayerTar()
+    for d in ("usr/sbin", "etc/nginx", "lib", "lib64", "lib/x86_64-linux-gnu", "var/log/nginx"):
+        l2.dir(d)
+    l2.host_file("usr/sbin/nginx", nginx, 0o755)
+    out_ldd = subprocess.run(["ldd", nginx], capture_output=True, text=True, check=True).stdout
+    for line in out_ldd.splitlines():
+        parts = line.split()
+        path = parts[2] if "=>" in parts and len(parts) > 2 else parts[0]
+        if not path.startswith("/"):
+            continue  # linux-vdso
+        l2.host_file(path.lstrip("/"), os.path.realpath(path), 0o755)
+    l2.file("etc/nginx/nginx.conf", NGINX_CONF)
+    l2_path = os.path.join(workdir, "nginx.tar")
+    l2.write(l2_path)
+    w = LayoutWriter(out)
+    w.add_layer(p1, "gzip", "busybox base")
+    w.add_layer(l2_path, "gzip", "nginx-light binary and its libraries")
+    w.finish(NGINX_CONFIG)
+
+
 BUILDERS = {
+    "nginx": build_nginx,
     "busybox": lambda out, wd: build_busybox(out, wd, "gzip"),
     "busybox-zstd": lambda out, wd: build_busybox(out, wd, "zstd"),
     "python": build_python,
