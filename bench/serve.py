@@ -223,6 +223,11 @@ def cold_one(work, world, image):
         cfg = json.load(open(cfg_path))
         cfg["linux"]["namespaces"] = [n for n in cfg["linux"]["namespaces"] if n["type"] != "network"]
         cfg["process"]["terminal"] = False
+        # Docker's default capability set, as Berth gives (umoci's default lacks CHOWN, which
+        # nginx needs for its temp directories).
+        caps = ["CAP_" + c for c in ("CHOWN DAC_OVERRIDE FSETID FOWNER MKNOD NET_RAW SETGID SETUID SETFCAP "
+                                     "SETPCAP NET_BIND_SERVICE SYS_CHROOT KILL AUDIT_WRITE").split()]
+        cfg["process"]["capabilities"] = {k: caps for k in ("bounding", "effective", "permitted")}
         port = free_port()
         cfg["process"]["env"] += ["PORT=%d" % port, "BIND=127.0.0.1"]
         json.dump(cfg, open(cfg_path, "w"))
@@ -242,6 +247,8 @@ def cold_one(work, world, image):
                     _, status = first_byte(port, "x")
                     break
                 except OSError:
+                    if time.perf_counter() - t0 > 30:
+                        raise RuntimeError("runc's %s container did not answer within 30s" % image)
                     time.sleep(0.0005)
             runc.append(time.perf_counter() - t0)
             subprocess.run(["runc", "--root", root, "delete", "-f", cid], capture_output=True)

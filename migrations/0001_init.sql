@@ -38,7 +38,8 @@ CREATE TABLE revisions (
 );
 
 CREATE TABLE deploys (
-    id          INTEGER PRIMARY KEY,
+    -- AUTOINCREMENT: a deploy id is never reused, even after its service is deleted.
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
     service_id  INTEGER NOT NULL REFERENCES services(id) ON DELETE CASCADE,
     revision    INTEGER,
     image       TEXT NOT NULL,

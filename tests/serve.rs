@@ -105,7 +105,15 @@ fn deploy_with_the_cli_and_serve_through_the_proxy() {
     assert!(err.contains("did not accept connections on port 9999"), "{err}");
     let r = s.get("hello", "/");
     assert_eq!(r.status, 200, "the old revision still serves");
-    assert_eq!(s.service("hello")["revision"], 1);
+    let v = s.service("hello");
+    assert_eq!(v["revision"], 1);
+    assert_eq!(v["port"], Value::Null, "a failed deploy changes none of the stored settings");
+    assert_eq!(v["last_deploy"]["status"], "failed");
+    assert!(v["last_deploy"]["error"].as_str().unwrap().contains("port 9999"), "{v}");
+    let d = s.call("GET", "/api/v1/services/hello/deploys", None).json();
+    let statuses: Vec<&str> = d["deploys"].as_array().unwrap().iter().map(|d| d["status"].as_str().unwrap()).collect();
+    assert_eq!(statuses, ["failed", "succeeded"], "{d}");
+    assert_eq!(d["deploys"][1]["by"], "admin");
     // A revision whose process exits at once: the reason is its exit code and log tail.
     let out = s.cli(&b, &["deploy", "crash", "--image", &python(&b), "--env", "BIND=no.such.host.invalid", "--wait"]);
     assert_eq!(out.status.code(), Some(1));
@@ -450,7 +458,27 @@ fn proxy_conformance() {
     // Headers over the limit: 431.
     let big = format!("GET / HTTP/1.1\r\nHost: {h}\r\nX-Big: {}\r\n\r\n", "a".repeat(100_000));
     let r = raw(s.http, big.as_bytes()).unwrap();
-    assert_eq!(r.status, 431);
+    assert_eq!((r.status, r.header("berth-error")), (431, Some("header-too-large")));
+    // Two Host headers; a transfer coding other than chunked; OPTIONS *.
+    let r = raw(s.http, format!("GET / HTTP/1.1\r\nHost: {h}\r\nHost: evil.example\r\n\r\n").as_bytes()).unwrap();
+    assert_eq!((r.status, r.header("berth-error")), (400, Some("bad-request")), "{}", r.text());
+    let r = raw(
+        s.http,
+        format!("POST /echo HTTP/1.1\r\nHost: {h}\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n").as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(r.status, 501, "{}", r.text());
+    let r = raw(s.http, format!("OPTIONS * HTTP/1.1\r\nHost: {h}\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.header("allow").is_some_and(|a| a.contains("GET")));
+    // An absolute-form target wins over Host, and the instance sees it as Host.
+    let r = raw(
+        s.http,
+        format!("GET http://{h}/headers HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("host: conf.test.local\n") && !r.text().contains("evil"), "{}", r.text());
     // No Host at all.
     let r = raw(s.http, b"GET / HTTP/1.0\r\n\r\n").unwrap();
     assert_eq!(r.status, 400);

@@ -129,6 +129,27 @@ fn services_api() {
         ("POST", "/api/v1/services/Bad/deploys", Some(json!({"image": "busybox"})), 400, "name: \"Bad\""),
         ("GET", "/api/v1/services/hello/deploys/99", None, 404, "no deploy 99"),
         ("GET", "/api/v1/nothing-here", None, 404, "no such endpoint"),
+        ("POST", "/api/v1/services", Some(json!({"name": "berth"})), 409, "is the control host"),
+        (
+            "POST",
+            "/api/v1/services",
+            Some(json!({"name": "x", "port": 9000, "env": {"PORT": "8000"}})),
+            400,
+            "differs from env PORT=8000",
+        ),
+        (
+            "POST",
+            "/api/v1/services/hello/deploys",
+            Some(json!({"image": "busybox", "timeout": "0s"})),
+            400,
+            "must be from 1s to 1h",
+        ),
+        ("POST", "/api/v1/services", Some(json!("a string")), 400, "expected a JSON object"),
+        // axum's own rejections answer in JSON too.
+        ("GET", "/api/v1/services/hello/deploys/abc", None, 400, "abc"),
+        ("GET", "/api/v1/services/hello/logs?tail=many", None, 400, "tail"),
+        ("GET", "/api/v1/services/hello/logs?follow=maybe", None, 400, "?follow=maybe"),
+        ("GET", "/api/v1/services/hello/deploys?limit=0", None, 400, "?limit=0"),
     ];
     for (method, path, body, status, want) in cases {
         let r = server.call(method, path, body.clone());
@@ -166,19 +187,41 @@ fn bad_options_exit_64_before_binding_or_writing() {
         (&[], "--domain is required"),
     ];
     for (args, want) in cases {
-        let out = berth(&b)
-            .args(["--api-addr", &api_addr, "--http-addr", &http_addr])
-            .args(*args)
-            .env("BERTH_DATA_DIR", &data)
-            .stdin(Stdio::null())
-            .output()
-            .expect("running berth server");
+        let mut cmd = berth(&b);
+        for (opt, val) in [("--api-addr", &api_addr), ("--http-addr", &http_addr)] {
+            if !args.contains(&opt) {
+                cmd.args([opt, val.as_str()]);
+            }
+        }
+        let out =
+            cmd.args(*args).env("BERTH_DATA_DIR", &data).stdin(Stdio::null()).output().expect("running berth server");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(64), "{args:?}: {stderr}");
         assert_eq!(stderr.lines().count(), 1, "{args:?}: one line, got {stderr:?}");
         assert!(stderr.contains(want), "{args:?}: got {stderr:?}, want {want:?}");
         assert!(!data.exists(), "{args:?}: the data directory was created");
     }
+    // The proxy and the API cannot share an address.
+    let out = berth(&b)
+        .args(["--api-addr", &api_addr, "--http-addr", &api_addr, "--domain", "t.local"])
+        .env("BERTH_DATA_DIR", &data)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("both 127.0.0.1:"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // One server per data directory: a second one is refused before it touches anything.
+    let first = Server::start(&b, &[]);
+    let out =
+        berth(&b).args(["--api-addr", &api_addr, "--http-addr", &http_addr, "--domain", "t.local"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("in use by another berth server") && err.contains(&first.child.id().to_string()), "{err}");
+    assert_eq!(first.call("GET", "/api/v1/services", None).status, 200, "the first server is untouched");
+    drop(first);
     // A bad config.toml is refused the same way.
     b.write_config("[network]\nsubnet = \"nonsense\"\n");
     let out =

@@ -17,7 +17,7 @@ use crate::config::NetworkConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("subnet {0:?} is not a private IPv4 CIDR (like 10.88.0.0/16) with a prefix of /8 to /30")]
+    #[error("subnet {0:?} is not a private IPv4 CIDR (RFC 1918: inside 10.0.0.0/8, 172.16.0.0/12 or 192.168.0.0/16, like 10.88.0.0/16) with a prefix of /8 to /30")]
     Subnet(String),
     #[error("bridge name {0:?} is not a valid interface name (1 to 15 characters of a-z, 0-9, '-', '_', '.')")]
     Bridge(String),
@@ -59,9 +59,12 @@ impl Subnet {
         }
         let mask = u32::MAX << (32 - prefix);
         let network = Ipv4Addr::from(u32::from(addr) & mask);
-        // Loopback, "this network", multicast and reserved ranges would hijack host traffic.
-        let o = network.octets()[0];
-        if o == 0 || o == 127 || o >= 224 {
+        // Only RFC 1918 private ranges: anything else is routed somewhere (a typo of a public
+        // range would be masqueraded and hijack traffic to it).
+        let [a, b, ..] = network.octets();
+        let private =
+            a == 10 || (a == 172 && (16..32).contains(&b) && prefix >= 12) || (a == 192 && b == 168 && prefix >= 16);
+        if !private {
             return Err(bad());
         }
         Ok(Subnet { network, prefix })
@@ -462,8 +465,24 @@ mod tests {
         assert_eq!(s.gateway(), Ipv4Addr::new(10, 88, 0, 1));
         assert!(s.contains(Ipv4Addr::new(10, 88, 255, 254)));
         assert!(!s.contains(Ipv4Addr::new(10, 89, 0, 1)));
-        for bad in ["10.88.0.0", "10.88.0.0/31", "10.88.0.0/4", "x/16", "10.88.0.0/abc"] {
+        for bad in [
+            "10.88.0.0",
+            "10.88.0.0/31",
+            "10.88.0.0/4",
+            "x/16",
+            "10.88.0.0/abc",
+            "8.8.8.0/24",
+            "100.64.0.0/24",
+            "172.32.0.0/16",
+            "172.16.0.0/8",
+            "192.0.2.0/24",
+            "169.254.0.0/24",
+            "127.0.0.0/24",
+        ] {
             assert!(Subnet::parse(bad).is_err(), "{bad}");
+        }
+        for good in ["10.0.0.0/8", "172.16.0.0/12", "172.31.5.0/24", "192.168.7.0/24"] {
+            assert!(Subnet::parse(good).is_ok(), "{good}");
         }
     }
 

@@ -24,6 +24,41 @@ pub use settings::{Args, Settings};
 
 use crate::config::EXIT_USAGE;
 
+/// `<data-dir>/api-url`: the running server's API URL, for the CLI.
+pub const API_URL_FILE: &str = "api-url";
+const LOCK_FILE: &str = "server.lock";
+
+/// Takes `<data-dir>/server.lock` (flock, held until exit; the file records the pid). A data
+/// directory that does not exist yet cannot be in use.
+fn lock_data_dir(data_dir: &Path) -> Result<Option<std::fs::File>, String> {
+    use std::io::{Read, Seek, Write};
+    use std::os::fd::AsFd;
+    if !data_dir.exists() {
+        std::fs::create_dir_all(data_dir).map_err(|e| format!("creating --data-dir {}: {e}", data_dir.display()))?;
+    }
+    let path = data_dir.join(LOCK_FILE);
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| format!("opening {}: {e}", path.display()))?;
+    if rustix::fs::flock(f.as_fd(), rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
+        let mut pid = String::new();
+        let _ = f.read_to_string(&mut pid);
+        return Err(format!(
+            "--data-dir {} is in use by another berth server (pid {}); stop it first",
+            data_dir.display(),
+            pid.trim()
+        ));
+    }
+    let _ = f.set_len(0);
+    let _ = f.rewind();
+    let _ = write!(f, "{}", std::process::id());
+    Ok(Some(f))
+}
+
 /// How often idle instances are considered for freezing and stopping.
 const TICK: Duration = Duration::from_millis(100);
 
@@ -47,6 +82,15 @@ pub fn main(data_dir: &Path, config: Option<&Path>, args: &Args) -> i32 {
         eprintln!("berth: {e}");
         return EXIT_USAGE;
     }
+    // One server per data directory: a second one would re-adopt, freeze and stop the first
+    // one's instances under it. The lock lives as long as this process.
+    let _lock = match lock_data_dir(data_dir) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("berth: {e}");
+            return EXIT_USAGE;
+        }
+    };
     match crate::cli::runtime().block_on(serve(data_dir, cfg, settings)) {
         Ok(()) => 0,
         Err(e) => {
@@ -83,6 +127,7 @@ async fn serve(data_dir: &Path, cfg: berth_agent::Config, settings: Settings) ->
         actions: actions.clone(),
         data_dir: data_dir.to_path_buf(),
         domain: settings.domain.clone(),
+        control_host: settings.control_host.clone(),
         http_port,
     };
     let adopted = load_services(&state).await?;
@@ -110,6 +155,9 @@ async fn serve(data_dir: &Path, cfg: berth_agent::Config, settings: Settings) ->
         token_file = %data_dir.join(token::FILE).display(),
         "berth server listening"
     );
+    // Where the CLI finds this server when BERTH_API is not set.
+    let api_url = format!("http://{}", api_listener.local_addr().unwrap_or(settings.api_addr));
+    let _ = berth_agent::container::write_atomic(&data_dir.join(API_URL_FILE), api_url.as_bytes());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;

@@ -100,13 +100,24 @@ struct ClientFile {
     token: Option<String>,
 }
 
+/// A service name as the CLI takes it: checked here, so a typo like `a/b` is not sent as a
+/// path.
+fn service_name(name: &str) -> Result<&str> {
+    crate::server::api::check_name(name).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(name)
+}
+
 impl Client {
     fn new(conn: &Conn, data_dir: &Path) -> Result<Client> {
         let file = client_file()?;
+        // The running server on this data directory writes its API URL there.
+        let local =
+            std::fs::read_to_string(data_dir.join(crate::server::API_URL_FILE)).ok().map(|s| s.trim().to_string());
         let base = conn
             .api
             .clone()
             .or(file.api)
+            .or(local)
             .unwrap_or_else(|| "http://127.0.0.1:7070".into())
             .trim_end_matches('/')
             .to_string();
@@ -183,6 +194,7 @@ fn env_map(pairs: &[String]) -> Result<serde_json::Map<String, Value>> {
 }
 
 pub fn deploy(conn: &Conn, data_dir: &Path, a: &DeployArgs) -> Result<i32> {
+    service_name(&a.name)?;
     let c = Client::new(conn, data_dir)?;
     let mut body = serde_json::json!({ "image": a.image, "env": env_map(&a.env)? });
     if let Some(p) = a.port {
@@ -270,6 +282,7 @@ pub fn services(conn: &Conn, data_dir: &Path) -> Result<i32> {
 }
 
 pub fn logs(conn: &Conn, data_dir: &Path, a: &LogsArgs) -> Result<i32> {
+    service_name(&a.name)?;
     let c = Client::new(conn, data_dir)?;
     let mut q = vec![("follow", a.follow.to_string())];
     if let Some(n) = a.tail {
@@ -304,6 +317,7 @@ pub fn logs(conn: &Conn, data_dir: &Path, a: &LogsArgs) -> Result<i32> {
 }
 
 pub fn scale(conn: &Conn, data_dir: &Path, a: &ScaleArgs) -> Result<i32> {
+    service_name(&a.name)?;
     let c = Client::new(conn, data_dir)?;
     let mut body = serde_json::Map::new();
     let mut put = |k: &str, v: Option<Value>| {
@@ -341,6 +355,7 @@ pub fn scale(conn: &Conn, data_dir: &Path, a: &ScaleArgs) -> Result<i32> {
 }
 
 pub fn rm(conn: &Conn, data_dir: &Path, name: &str) -> Result<i32> {
+    service_name(name)?;
     let c = Client::new(conn, data_dir)?;
     crate::cli::runtime().block_on(c.send(c.req(reqwest::Method::DELETE, &format!("/services/{name}"))))?;
     if !conn.json {

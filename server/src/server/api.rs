@@ -11,6 +11,8 @@ use sqlx::SqlitePool;
 
 mod services;
 
+pub use services::check_name;
+
 /// What every handler gets.
 #[derive(Clone)]
 pub struct AppState {
@@ -20,6 +22,7 @@ pub struct AppState {
     pub actions: tokio::sync::mpsc::UnboundedSender<super::platform::Action>,
     pub data_dir: std::path::PathBuf,
     pub domain: String,
+    pub control_host: String,
     /// The proxy's port, for the URLs the API shows (omitted when 80).
     pub http_port: u16,
 }
@@ -85,10 +88,36 @@ pub fn router(state: AppState) -> Router {
     let v1 = Router::new().route("/health", get(health)).merge(authed);
     Router::new()
         .nest("/api/v1", v1)
+        .layer(middleware::map_response(json_errors))
         .fallback(|req: Request| async move {
             Error::NotFound(format!("no such endpoint: {} {}", req.method(), req.uri().path()))
         })
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
+}
+
+/// axum's own rejections (a path segment of the wrong type, a bad query string, a body over
+/// the limit) answer in plain text: give them the API's JSON shape.
+async fn json_errors(resp: Response) -> Response {
+    let plain = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/plain"));
+    if !(resp.status().is_client_error() && plain) {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = match axum::body::to_bytes(body, 64 * 1024).await {
+        Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+        Err(_) => String::new(),
+    };
+    let mut out = (parts.status, Json(serde_json::json!({ "error": text.trim() }))).into_response();
+    for (k, v) in parts.headers.iter() {
+        if k != header::CONTENT_TYPE && k != header::CONTENT_LENGTH {
+            out.headers_mut().insert(k.clone(), v.clone());
+        }
+    }
+    out
 }
 
 async fn health() -> Json<serde_json::Value> {

@@ -303,6 +303,8 @@ pub struct Deploy {
     pub error: Option<String>,
     pub created_at: String,
     pub finished_at: Option<String>,
+    /// The name of the token that asked for it.
+    pub by: String,
 }
 
 pub async fn insert_deploy(pool: &SqlitePool, service_id: i64, image: &str, token: &str) -> anyhow::Result<i64> {
@@ -343,29 +345,47 @@ pub async fn update_deploy(
     Ok(())
 }
 
+const DEPLOY_COLUMNS: &str =
+    "d.id, s.name, d.revision, d.image, d.status, d.error, d.created_at, d.finished_at, d.token";
+
+fn deploy_from_row(r: &SqliteRow) -> anyhow::Result<Deploy> {
+    Ok(Deploy {
+        id: r.try_get(0)?,
+        service: r.try_get(1)?,
+        revision: r.try_get(2)?,
+        image: r.try_get(3)?,
+        status: r.try_get(4)?,
+        error: r.try_get(5)?,
+        created_at: r.try_get(6)?,
+        finished_at: r.try_get(7)?,
+        by: r.try_get(8)?,
+    })
+}
+
 pub async fn get_deploy(pool: &SqlitePool, service: &str, id: i64) -> anyhow::Result<Option<Deploy>> {
-    let row = sqlx::query(
-        "SELECT d.id, s.name, d.revision, d.image, d.status, d.error, d.created_at, d.finished_at \
-         FROM deploys d JOIN services s ON s.id = d.service_id WHERE s.name = ? AND d.id = ?",
-    )
+    let row = sqlx::query(&format!(
+        "SELECT {DEPLOY_COLUMNS} FROM deploys d JOIN services s ON s.id = d.service_id WHERE s.name = ? AND d.id = ?"
+    ))
     .bind(service)
     .bind(id)
     .fetch_optional(pool)
     .await
     .context("reading a deploy")?;
-    row.map(|r| -> anyhow::Result<Deploy> {
-        Ok(Deploy {
-            id: r.try_get(0)?,
-            service: r.try_get(1)?,
-            revision: r.try_get(2)?,
-            image: r.try_get(3)?,
-            status: r.try_get(4)?,
-            error: r.try_get(5)?,
-            created_at: r.try_get(6)?,
-            finished_at: r.try_get(7)?,
-        })
-    })
-    .transpose()
+    row.as_ref().map(deploy_from_row).transpose()
+}
+
+/// A service's deploys, newest first, at most `limit`.
+pub async fn list_deploys(pool: &SqlitePool, service: &str, limit: i64) -> anyhow::Result<Vec<Deploy>> {
+    let rows = sqlx::query(&format!(
+        "SELECT {DEPLOY_COLUMNS} FROM deploys d JOIN services s ON s.id = d.service_id WHERE s.name = ? \
+         ORDER BY d.id DESC LIMIT ?"
+    ))
+    .bind(service)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+    .with_context(|| format!("listing the deploys of {service}"))?;
+    rows.iter().map(deploy_from_row).collect()
 }
 
 /// Records the hash of the token called `name`, replacing the one it had.

@@ -59,9 +59,10 @@ pub async fn run(
     timeout: Duration,
     events: mpsc::UnboundedSender<Event>,
 ) -> db::Deploy {
+    use tracing::Instrument;
+    // `instrument`, not `enter`: a span entered across awaits would tag other tasks' events.
     let span = tracing::info_span!("deploy", service = %service.name, deploy = id, image = %image);
-    let _e = span.enter();
-    let outcome = steps(&state, &service, &live, id, &image, timeout, &events).await;
+    let outcome = steps(&state, &service, &live, id, &image, timeout, &events).instrument(span).await;
     let (status, revision, error) = match &outcome {
         Ok(n) => ("succeeded", Some(*n), None),
         Err(e) => ("failed", None, Some(e.as_str())),
@@ -85,6 +86,7 @@ pub async fn run(
             error: error.map(str::to_string),
             created_at: db::now(),
             finished_at: Some(db::now()),
+            by: String::new(),
         },
     };
     let _ = events.send(Event::Done { deploy: deploy.clone() });
@@ -160,6 +162,13 @@ async fn steps(
         Ok(Err(reason)) => return Err(format!("revision {} did not become ready: {reason}", rev.number)),
         Err(_) => return Err(format!("revision {}: the start was abandoned (server stopping?)", rev.number)),
     }
+    if live.is_deleted() {
+        return Err(format!("service {} was deleted during the deploy", service.name));
+    }
+    // Only now do the deploy's settings become the service's.
+    db::set_service_config(&state.db, service.id, service.port, &service.env, service.health_path.as_deref())
+        .await
+        .map_err(|e| format!("{e:#}"))?;
     db::set_current_revision(&state.db, service.id, rev.number).await.map_err(|e| format!("{e:#}"))?;
     live.switch(revision);
     say(format!("revision {} is serving at {}", rev.number, state.url(&service.name)));

@@ -129,7 +129,7 @@ impl Executor {
         let (id, ip) = started;
         svc.on_created(slot, &id);
         let result = match ip {
-            Some(ip) => self.wait_ready(&id, SocketAddr::new(ip.into(), rev.port), rev, deadline, timeout).await,
+            Some(ip) => self.wait_ready(svc, &id, SocketAddr::new(ip.into(), rev.port), rev, deadline, timeout).await,
             None => Err("the container has no network address".to_string()),
         };
         match result {
@@ -152,6 +152,7 @@ impl Executor {
     /// runs, so a crash is reported at once with its exit and last log lines.
     async fn wait_ready(
         &self,
+        svc: &Service,
         id: &str,
         addr: SocketAddr,
         rev: &Revision,
@@ -177,6 +178,9 @@ impl Executor {
             if checked.elapsed() >= Duration::from_millis(25) {
                 checked = Instant::now();
                 self.ensure_running(id).await?;
+                if svc.is_deleted() {
+                    return Err(format!("service {} was deleted", svc.name));
+                }
             }
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_millis(10));

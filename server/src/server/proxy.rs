@@ -134,37 +134,79 @@ impl Proxy {
             let me_timeout = self.header_timeout;
             tokio::spawn(async move {
                 let flags = framing::Flags::default();
-                let io = TokioIo::new(framing::Watched::new(stream, flags.clone()));
+                let io = TokioIo::new(framing::Watched::new(stream, flags.clone(), MAX_HEAD));
                 let svc = hyper::service::service_fn(move |req| {
                     let me = me.clone();
-                    let both = flags.lock().unwrap_or_else(|e| e.into_inner()).pop_front().unwrap_or(false);
-                    async move { Ok::<_, Infallible>(me.handle(req, peer, both).await) }
+                    let note = flags.lock().unwrap_or_else(|e| e.into_inner()).pop_front().unwrap_or_default();
+                    async move { Ok::<_, Infallible>(me.handle(req, peer, note).await) }
                 });
                 let mut b = hyper::server::conn::http1::Builder::new();
-                b.timer(TokioTimer::new()).header_read_timeout(me_timeout).max_buf_size(MAX_HEAD);
+                // hyper's buffer is larger than MAX_HEAD so that the scanner's limit, with a
+                // berth-error answer, is the one clients meet.
+                b.timer(TokioTimer::new()).header_read_timeout(me_timeout).max_buf_size(2 * MAX_HEAD);
                 let _ = b.serve_connection(io, svc).with_upgrades().await;
             });
         }
     }
 
-    /// `cl_and_te`: the request's head carried both Content-Length and Transfer-Encoding
-    /// (hyper keeps only the latter, so the connection's scanner tells).
-    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr, cl_and_te: bool) -> Response<Body> {
+    /// `note`: what the connection's scanner saw in this request's head (hyper resolves a
+    /// Content-Length + Transfer-Encoding conflict itself, so only the scanner can tell).
+    pub async fn handle(&self, mut req: Request<Incoming>, peer: SocketAddr, note: framing::Note) -> Response<Body> {
+        let close = |mut r: Response<Body>| {
+            r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            r
+        };
+        if note.too_large {
+            return close(error(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "header-too-large",
+                format!("the request head is larger than {} KiB", MAX_HEAD / 1024),
+            ));
+        }
         let h = req.headers();
-        if cl_and_te || (h.contains_key(header::CONTENT_LENGTH) && h.contains_key(header::TRANSFER_ENCODING)) {
-            let mut r = error(
+        if note.cl_and_te || (h.contains_key(header::CONTENT_LENGTH) && h.contains_key(header::TRANSFER_ENCODING)) {
+            return close(error(
                 StatusCode::BAD_REQUEST,
                 "bad-request",
                 "a request must not carry both Content-Length and Transfer-Encoding".into(),
-            );
-            r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            ));
+        }
+        let codings: Vec<String> = h
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|t| t.trim().to_ascii_lowercase())
+            .filter(|t| !t.is_empty())
+            .collect();
+        if codings.iter().any(|c| c != "chunked") {
+            return close(error(
+                StatusCode::NOT_IMPLEMENTED,
+                "bad-request",
+                format!("transfer coding {:?} is not supported: only chunked", codings.join(", ")),
+            ));
+        }
+        if h.get_all(header::HOST).iter().count() > 1 {
+            return close(error(
+                StatusCode::BAD_REQUEST,
+                "bad-request",
+                "the request has more than one Host header".into(),
+            ));
+        }
+        if req.method() == http::Method::OPTIONS && req.uri() == "*" {
+            // Server-wide OPTIONS: answered here, there is no resource to ask an instance about.
+            let mut r = Response::new(Full::new(Bytes::new()).map_err(|n| match n {}).boxed_unsync());
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"));
             return r;
         }
-        let host = req
-            .uri()
-            .authority()
-            .map(|a| a.as_str().to_string())
-            .or_else(|| h.get(header::HOST).and_then(|v| v.to_str().ok()).map(str::to_string));
+        // An absolute-form target names the host, and Host must say the same (RFC 9112 §3.2.2).
+        if let Some(auth) = req.uri().authority().map(|a| a.as_str().to_string()) {
+            if let Ok(v) = HeaderValue::from_str(&auth) {
+                req.headers_mut().insert(header::HOST, v);
+            }
+        }
+        let host = req.headers().get(header::HOST).and_then(|v| v.to_str().ok()).map(str::to_string);
         let Some(host) = host else {
             return error(StatusCode::BAD_REQUEST, "bad-request", "the request has no Host header".into());
         };

@@ -74,8 +74,13 @@ impl Settings {
         let header_timeout = super::scaling::parse_duration(&args.header_timeout)
             .map(std::time::Duration::from_millis)
             .map_err(|e| format!("--header-timeout: {e}"))?;
-        if header_timeout.is_zero() {
-            return Err("--header-timeout: must be more than 0".into());
+        if !(std::time::Duration::from_millis(100)..=std::time::Duration::from_secs(600)).contains(&header_timeout) {
+            return Err(format!("--header-timeout {:?}: must be from 100ms to 10m", args.header_timeout));
+        }
+        if http_addr == api_addr && http_addr.port() != 0 {
+            return Err(format!(
+                "--http-addr and --api-addr are both {http_addr}: the proxy and the API need their own ports"
+            ));
         }
         Ok(Settings { http_addr, api_addr, domain, control_host, trusted_proxies, hold_body_limit, header_timeout })
     }

@@ -24,7 +24,7 @@ pub fn router() -> Router<AppState> {
         .route("/services", get(list).post(create))
         .route("/services/{name}", get(read).patch(update).delete(remove))
         .route("/services/{name}/scaling", patch(set_scaling))
-        .route("/services/{name}/deploys", post(deploy))
+        .route("/services/{name}/deploys", post(deploy).get(list_deploys))
         .route("/services/{name}/deploys/{id}", get(read_deploy))
         .route("/services/{name}/instances", get(instances))
         .route("/services/{name}/logs", get(logs))
@@ -86,12 +86,14 @@ struct View {
     in_flight: u32,
     last_error: Option<String>,
     deploying: Option<i64>,
+    /// The newest deploy, whatever its outcome (a failed first deploy shows here).
+    last_deploy: Option<db::Deploy>,
     created_at: String,
     updated_at: String,
 }
 
 impl View {
-    fn new(state: &AppState, s: Service, live: Option<Snapshot>) -> View {
+    fn new(state: &AppState, s: Service, live: Option<Snapshot>, last_deploy: Option<db::Deploy>) -> View {
         let live = live.unwrap_or(Snapshot {
             revision: None,
             instances: Vec::new(),
@@ -115,6 +117,7 @@ impl View {
             in_flight: live.in_flight,
             last_error: live.last_error,
             deploying: live.deploying,
+            last_deploy,
             created_at: s.created_at,
             updated_at: s.updated_at,
             name: s.name,
@@ -122,9 +125,20 @@ impl View {
     }
 }
 
-/// Parses a JSON body; serde's message names the field that is missing, unknown or mistyped.
+/// Parses a JSON body; serde's message names the field that is missing, unknown or mistyped
+/// (and where), without the names of our Rust types.
 fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, Error> {
-    serde_json::from_slice(bytes).map_err(|e| Error::BadRequest(format!("invalid JSON body: {e}")))
+    serde_json::from_slice(bytes).map_err(|e| {
+        let msg = e.to_string();
+        let msg = match msg.find("expected struct ") {
+            Some(i) => {
+                let end = msg[i + 16..].find(|c: char| !c.is_alphanumeric()).map_or(msg.len(), |j| i + 16 + j);
+                format!("{}expected a JSON object{}", &msg[..i], &msg[end..])
+            }
+            None => msg,
+        };
+        Error::BadRequest(format!("invalid JSON body: {msg}"))
+    })
 }
 
 /// Checks a service name: a DNS label, since the service answers at `<name>.<domain>`.
@@ -168,8 +182,13 @@ fn apply(service: &mut Service, s: &Settings) -> Result<(), Error> {
     }
     service.env.extend(s.env.iter().map(|(k, v)| (k.clone(), v.clone())));
     if let Some(v) = service.env.get("PORT") {
-        if !matches!(v.parse::<u16>(), Ok(p) if p > 0) {
+        let Ok(p) = v.parse::<u16>().map_err(drop).and_then(|p| if p > 0 { Ok(p) } else { Err(()) }) else {
             return Err(Error::BadRequest(format!("env: PORT={v:?} is not a port number (1-65535)")));
+        };
+        if let Some(port) = service.port.filter(|&port| port != p) {
+            return Err(Error::BadRequest(format!(
+                "port: {port} differs from env PORT={p}; the app listens on $PORT, so set one of them (or both the same)"
+            )));
         }
     }
     Ok(())
@@ -182,6 +201,12 @@ fn parse_image(image: &str) -> Result<berth_agent::reference::Reference, Error> 
 /// Creates a service (stored and live); 409 if the name is taken.
 async fn insert(state: &AppState, name: &str, settings: &Settings) -> Result<Service, Error> {
     check_name(name).map_err(Error::BadRequest)?;
+    if format!("{name}.{}", state.domain) == state.control_host {
+        return Err(Error::Conflict(format!(
+            "name: {name:?} would answer at {}, which is the control host (the API): choose another name",
+            state.control_host
+        )));
+    }
     let now = db::now();
     let mut service = Service {
         id: 0,
@@ -222,15 +247,33 @@ async fn create(
 }
 
 async fn list(State(state): State<AppState>) -> Result<Json<serde_json::Value>, Error> {
-    let services: Vec<View> = db::list_services(&state.db)
-        .await?
-        .into_iter()
-        .map(|s| {
-            let live = state.platform.get(&s.name).map(|l| l.snapshot());
-            View::new(&state, s, live)
-        })
-        .collect();
+    let mut services = Vec::new();
+    for s in db::list_services(&state.db).await? {
+        let live = state.platform.get(&s.name).map(|l| l.snapshot());
+        let last = db::list_deploys(&state.db, &s.name, 1).await?.pop();
+        services.push(View::new(&state, s, live, last));
+    }
     Ok(Json(serde_json::json!({ "services": services })))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeployList {
+    #[serde(default)]
+    limit: Option<i64>,
+}
+
+async fn list_deploys(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<DeployList>,
+) -> Result<Json<serde_json::Value>, Error> {
+    find(&state, &name).await?;
+    let limit = q.limit.unwrap_or(20);
+    if !(1..=1000).contains(&limit) {
+        return Err(Error::BadRequest(format!("?limit={limit}: must be from 1 to 1000")));
+    }
+    Ok(Json(serde_json::json!({ "deploys": db::list_deploys(&state.db, &name, limit).await? })))
 }
 
 async fn find(state: &AppState, name: &str) -> Result<Service, Error> {
@@ -240,7 +283,8 @@ async fn find(state: &AppState, name: &str) -> Result<Service, Error> {
 async fn view(state: &AppState, name: &str) -> Result<View, Error> {
     let s = find(state, name).await?;
     let live = state.platform.get(name).map(|l| l.snapshot());
-    Ok(View::new(state, s, live))
+    let last = db::list_deploys(&state.db, name, 1).await?.pop();
+    Ok(View::new(state, s, live, last))
 }
 
 async fn read(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<View>, Error> {
@@ -293,8 +337,13 @@ struct DeployQuery {
     wait: Option<String>,
 }
 
-fn truthy(v: &Option<String>) -> bool {
-    matches!(v.as_deref(), Some("" | "1" | "true" | "yes"))
+/// A boolean query parameter: absent or `0|false|no` is false, `""|1|true|yes` true.
+fn flag(name: &str, v: &Option<String>) -> Result<bool, Error> {
+    match v.as_deref() {
+        None | Some("0" | "false" | "no") => Ok(false),
+        Some("" | "1" | "true" | "yes") => Ok(true),
+        Some(other) => Err(Error::BadRequest(format!("?{name}={other}: expected true or false"))),
+    }
 }
 
 /// Records a deploy and starts it in its own task; returns its id and its event stream.
@@ -341,17 +390,32 @@ async fn deploy(
     let image = parse_image(&req.image)?;
     let timeout = match &req.timeout {
         Some(t) => {
-            Duration::from_millis(scaling::parse_duration(t).map_err(|e| Error::BadRequest(format!("timeout: {e}")))?)
+            let ms = scaling::parse_duration(t).map_err(|e| Error::BadRequest(format!("timeout: {e}")))?;
+            if !(1000..=3_600_000).contains(&ms) {
+                return Err(Error::BadRequest(format!("timeout: {t:?} must be from 1s to 1h")));
+            }
+            Duration::from_millis(ms)
         }
         None => crate::server::deploy::READY_TIMEOUT,
     };
+    check_name(&name).map_err(Error::BadRequest)?;
+    // The deploy's settings are stored only if it succeeds (deploy::run does): a refused or
+    // failed deploy changes nothing. A new service is created with them.
     let service = match db::get_service(&state.db, &name).await? {
         Some(mut s) => {
             apply(&mut s, &req.settings)?;
-            db::set_service_config(&state.db, s.id, s.port, &s.env, s.health_path.as_deref()).await?;
             s
         }
-        None => insert(&state, &name, &req.settings).await?,
+        None => match insert(&state, &name, &req.settings).await {
+            Ok(s) => s,
+            // Another first deploy created it a moment ago: deploy to it (or be told it is busy).
+            Err(Error::Conflict(_)) => {
+                let mut s = find(&state, &name).await?;
+                apply(&mut s, &req.settings)?;
+                s
+            }
+            Err(e) => return Err(e),
+        },
     };
     let (id, mut events, handle) = start_deploy(&state, service, image, &caller.0, timeout).await?;
     let stream =
@@ -368,7 +432,7 @@ async fn deploy(
         });
         return Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response());
     }
-    if truthy(&q.wait) {
+    if flag("wait", &q.wait)? {
         let deploy = handle.await.map_err(|e| anyhow::anyhow!("the deploy task failed: {e}"))?;
         if deploy.status == "succeeded" {
             return Ok(Json(deploy).into_response());
@@ -413,7 +477,7 @@ async fn logs(
     Query(q): Query<LogQuery>,
 ) -> Result<Response, Error> {
     find(&state, &name).await?;
-    let follow = truthy(&q.follow);
+    let follow = flag("follow", &q.follow)?;
     let tail = q.tail;
     let st = state.clone();
     let body = async_stream(move |tx| async move {

@@ -18,8 +18,17 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// Longest head line the scanner follows; hyper refuses larger heads anyway.
 const MAX_LINE: usize = 128 * 1024;
 
-/// One flag per request head seen, oldest first: true when it had both headers.
-pub type Flags = Arc<Mutex<VecDeque<bool>>>;
+/// What the scanner noted about one request head.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Note {
+    /// It carried both Content-Length and Transfer-Encoding.
+    pub cl_and_te: bool,
+    /// It was longer than the limit given to [`Scanner::new`].
+    pub too_large: bool,
+}
+
+/// One note per request head seen, oldest first.
+pub type Flags = Arc<Mutex<VecDeque<Note>>>;
 
 #[derive(Debug)]
 enum State {
@@ -29,6 +38,7 @@ enum State {
         cl: Option<u64>,
         te: Option<bool>,
         upgrade: bool,
+        size: usize,
     },
     Body(u64),
     ChunkSize(Vec<u8>),
@@ -39,17 +49,18 @@ enum State {
 }
 
 fn new_head() -> State {
-    State::Head { line: Vec::new(), first: true, cl: None, te: None, upgrade: false }
+    State::Head { line: Vec::new(), first: true, cl: None, te: None, upgrade: false, size: 0 }
 }
 
 pub struct Scanner {
     state: State,
     flags: Flags,
+    max_head: usize,
 }
 
 impl Scanner {
-    pub fn new(flags: Flags) -> Scanner {
-        Scanner { state: new_head(), flags }
+    pub fn new(flags: Flags, max_head: usize) -> Scanner {
+        Scanner { state: new_head(), flags, max_head }
     }
 
     pub fn feed(&mut self, mut data: &[u8]) {
@@ -72,7 +83,30 @@ impl Scanner {
                         self.state = State::ChunkSize(Vec::new());
                     }
                 }
-                State::Head { line, .. } | State::ChunkSize(line) | State::Trailer(line) => {
+                State::Head { line, size, .. } => {
+                    let nl = data.iter().position(|&b| b == b'\n');
+                    let take = nl.map_or(data.len(), |n| n + 1);
+                    *size += take;
+                    if *size > self.max_head {
+                        // Noted once; the handler refuses it (431) and the connection closes.
+                        self.flags
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push_back(Note { cl_and_te: false, too_large: true });
+                        self.state = State::Off;
+                        return;
+                    }
+                    let Some(nl) = nl else {
+                        line.extend_from_slice(data);
+                        return;
+                    };
+                    line.extend_from_slice(&data[..nl]);
+                    data = &data[nl + 1..];
+                    let l = std::mem::take(line);
+                    let l = l.strip_suffix(b"\r").unwrap_or(&l).to_vec();
+                    self.line(&l);
+                }
+                State::ChunkSize(line) | State::Trailer(line) => {
                     let Some(nl) = data.iter().position(|&b| b == b'\n') else {
                         line.extend_from_slice(data);
                         if line.len() > MAX_LINE {
@@ -118,7 +152,10 @@ impl Scanner {
                     return;
                 }
                 let both = cl.is_some() && te.is_some();
-                self.flags.lock().unwrap_or_else(|e| e.into_inner()).push_back(both);
+                self.flags
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push_back(Note { cl_and_te: both, too_large: false });
                 self.state = match (both, *upgrade, *te, *cl) {
                     // Refused and closed, or no longer HTTP: nothing more to note.
                     (true, _, _, _) | (_, true, _, _) => State::Off,
@@ -150,8 +187,8 @@ pub struct Watched<T> {
 }
 
 impl<T> Watched<T> {
-    pub fn new(inner: T, flags: Flags) -> Watched<T> {
-        Watched { inner, scanner: Scanner::new(flags) }
+    pub fn new(inner: T, flags: Flags, max_head: usize) -> Watched<T> {
+        Watched { inner, scanner: Scanner::new(flags, max_head) }
     }
 }
 
@@ -195,12 +232,23 @@ mod tests {
 
     fn flags_of(chunks: &[&[u8]]) -> Vec<bool> {
         let flags = Flags::default();
-        let mut s = Scanner::new(flags.clone());
+        let mut s = Scanner::new(flags.clone(), 1 << 20);
         for c in chunks {
             s.feed(c);
         }
-        let v = flags.lock().unwrap().iter().copied().collect();
+        let v = flags.lock().unwrap().iter().map(|n| n.cl_and_te).collect();
         v
+    }
+
+    #[test]
+    fn a_head_over_the_limit_is_noted_even_when_fed_in_pieces() {
+        let flags = Flags::default();
+        let mut s = Scanner::new(flags.clone(), 100);
+        s.feed(b"GET / HTTP/1.1\r\nX-Big: ");
+        s.feed(&[b'a'; 90]);
+        s.feed(b"\r\n\r\n");
+        let notes: Vec<Note> = flags.lock().unwrap().iter().copied().collect();
+        assert_eq!(notes, [Note { cl_and_te: false, too_large: true }]);
     }
 
     #[test]
