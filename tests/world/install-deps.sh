@@ -15,7 +15,7 @@ set -eu
 #   docker-registry         CNCF distribution 2.8 (`docker-registry serve`)
 #   apache2-utils           htpasswd -Bbn for the basic-auth registry
 #   openssl                 key, certificate and RS256 signing for tokens
-PKGS="python3 busybox-static zstd debootstrap debian-archive-keyring docker-registry apache2-utils openssl"
+PKGS="python3 busybox-static zstd debootstrap debian-archive-keyring docker-registry apache2-utils openssl nginx-light"
 
 # Tools used to check the world by hand (see README.md) and by some tests.
 if [ "${BERTH_WORLD_MINIMAL:-0}" != "1" ]; then
@@ -42,5 +42,11 @@ fi
 echo "install-deps: installing:$missing" >&2
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
+# nginx-light (the nginx image's binary) must not start a system service on :80.
+policy_added=""
+if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && policy_added=1
+fi
 # shellcheck disable=SC2086
 apt-get install -y -qq --no-install-recommends $missing
+if [ -n "$policy_added" ]; then rm -f /usr/sbin/policy-rc.d; fi
