@@ -222,6 +222,26 @@ fn bad_options_exit_64_before_binding_or_writing() {
     assert!(err.contains("in use by another berth server") && err.contains(&first.child.id().to_string()), "{err}");
     assert_eq!(first.call("GET", "/api/v1/services", None).status, 200, "the first server is untouched");
     drop(first);
+    // An interface named like the bridge that is not a bridge: refused at start, not at the
+    // first container.
+    let dummy = format!("btd{}", std::process::id() % 100_000);
+    let peer = format!("{dummy}p");
+    assert!(Command::new("ip")
+        .args(["link", "add", &dummy, "type", "veth", "peer", "name", &peer])
+        .status()
+        .unwrap()
+        .success());
+    std::fs::write(
+        b.data_dir().join("config.toml"),
+        format!("[network]\nbridge = \"{dummy}\"\nsubnet = \"{}\"\n", b.subnet),
+    )
+    .unwrap();
+    let out =
+        berth(&b).args(["--api-addr", &api_addr, "--http-addr", &http_addr, "--domain", "t.local"]).output().unwrap();
+    let _ = Command::new("ip").args(["link", "del", &dummy]).status();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("is not a bridge"), "{err}");
     // A bad config.toml is refused the same way.
     b.write_config("[network]\nsubnet = \"nonsense\"\n");
     let out =

@@ -108,6 +108,23 @@ pub fn validate(cfg: &NetworkConfig) -> Result<Subnet, Error> {
     Subnet::parse(&cfg.subnet)
 }
 
+/// Checks, without changing anything, that an existing interface named like the bridge is a
+/// bridge carrying the subnet's gateway address (a server checks at start, so a wrong config is
+/// an error then rather than at the first container start). A bridge that does not exist yet
+/// is fine: the first container creates it.
+pub fn check_existing(cfg: &NetworkConfig) -> Result<(), Error> {
+    let subnet = validate(cfg)?;
+    let dev = Path::new("/sys/class/net").join(&cfg.bridge);
+    if !dev.exists() {
+        return Ok(());
+    }
+    if !dev.join("bridge").exists() {
+        return Err(Error::NotBridge(cfg.bridge.clone()));
+    }
+    let net = Network { cfg: cfg.clone(), subnet, dir: PathBuf::new() };
+    net.check_bridge_address()
+}
+
 /// What a container's network is made of, recorded in its state so cleanup can find it.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Attachment {

@@ -78,8 +78,8 @@ pub fn main(data_dir: &Path, config: Option<&Path>, args: &Args) -> i32 {
             return EXIT_USAGE;
         }
     };
-    if let Err(e) = berth_agent::network::validate(&cfg.network) {
-        eprintln!("berth: {e}");
+    if let Err(e) = berth_agent::network::check_existing(&cfg.network) {
+        eprintln!("berth: [network] {e}");
         return EXIT_USAGE;
     }
     // One server per data directory: a second one would re-adopt, freeze and stop the first
