@@ -538,3 +538,49 @@ fn socket_from(src: &str, port: u16) -> TcpStream {
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s
 }
+
+#[test]
+fn revisions_list_and_rollback_moves_the_traffic_back() {
+    let b = Berth::new();
+    let s = Server::start(&b, &[]);
+    deploy(&s, &b, "rb", &python(&b), &["--env", "V=one"]);
+    deploy(&s, &b, "rb", &python(&b), &["--env", "V=two"]);
+    assert_eq!(s.get("rb", "/env/V").text(), "two");
+    let list = s.cli_ok(&b, &["revisions", "rb"]);
+    let serving: Vec<&str> = list.lines().filter(|l| l.starts_with('*')).collect();
+    assert_eq!(serving.len(), 1, "{list}");
+    assert!(serving[0].split_whitespace().nth(1) == Some("2"), "{list}");
+    // The old revision's instance drained and stopped after the switch.
+    assert!(
+        Berth::wait_until(Duration::from_secs(15), || containers_of(&b, "rb").len() == 1),
+        "{:?}",
+        containers_of(&b, "rb")
+    );
+
+    let out = s.cli_ok(&b, &["rollback", "rb"]);
+    assert!(out.contains("revision 1 is serving"), "{out}");
+    assert_eq!(s.get("rb", "/env/V").text(), "one", "revision 1's env");
+    let v = s.service("rb");
+    assert_eq!(v["revision"], 1);
+    assert_eq!(v["env"]["V"], "two", "a rollback keeps the stored settings for the next deploy");
+    assert_eq!(v["last_deploy"]["image"], "rollback to revision 1");
+
+    s.cli_ok(&b, &["rollback", "rb", "2"]);
+    assert_eq!(s.get("rb", "/env/V").text(), "two");
+    for (args, want) in [
+        (&["rollback", "rb", "9"][..], "has no revision 9"),
+        (&["rollback", "rb", "2"][..], "already serving"),
+        (&["rollback", "nope"][..], "no service named"),
+    ] {
+        let out = s.cli(&b, args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    // After a restart the rolled-to revision is still the one serving.
+    s.cli_ok(&b, &["rollback", "rb", "1"]);
+    let mut s = s;
+    s.stop();
+    s.restart(&b);
+    assert_eq!(s.get("rb", "/env/V").text(), "one");
+}

@@ -63,6 +63,19 @@ pub enum Command {
         #[command(flatten)]
         conn: client::Conn,
     },
+    /// List a service's revisions (`*`: the one serving).
+    Revisions {
+        name: String,
+        #[command(flatten)]
+        conn: client::Conn,
+    },
+    /// Put an earlier revision back in service (default: the one before the serving one).
+    Rollback {
+        #[command(flatten)]
+        args: client::RollbackArgs,
+        #[command(flatten)]
+        conn: client::Conn,
+    },
     /// Delete a service: its instances stop, its route goes.
     Rm {
         name: String,
@@ -135,6 +148,8 @@ pub fn main() -> i32 {
         Command::Logs { args, conn } => Some(client::logs(conn, &cli.data_dir, args)),
         Command::Scale { args, conn } => Some(client::scale(conn, &cli.data_dir, args)),
         Command::Rm { name, conn } => Some(client::rm(conn, &cli.data_dir, name)),
+        Command::Revisions { name, conn } => Some(client::revisions(conn, &cli.data_dir, name)),
+        Command::Rollback { args, conn } => Some(client::rollback(conn, &cli.data_dir, args)),
         _ => None,
     };
     if let Some(r) = client_result {
@@ -172,7 +187,9 @@ pub fn main() -> i32 {
         | Command::Services { .. }
         | Command::Logs { .. }
         | Command::Scale { .. }
-        | Command::Rm { .. } => unreachable!("handled above"),
+        | Command::Rm { .. }
+        | Command::Revisions { .. }
+        | Command::Rollback { .. } => unreachable!("handled above"),
     };
     match result {
         Ok(code) => code,

@@ -206,8 +206,8 @@ pub fn deploy(conn: &Conn, data_dir: &Path, a: &DeployArgs) -> Result<i32> {
     if let Some(t) = &a.timeout {
         body["timeout"] = t.clone().into();
     }
+    let path = format!("/services/{}/deploys", a.name);
     crate::cli::runtime().block_on(async {
-        let path = format!("/services/{}/deploys", a.name);
         if !a.wait {
             let d = c.json(c.req(reqwest::Method::POST, &path).json(&body)).await?;
             if conn.json {
@@ -217,42 +217,89 @@ pub fn deploy(conn: &Conn, data_dir: &Path, a: &DeployArgs) -> Result<i32> {
             }
             return Ok(0);
         }
-        let resp =
-            c.send(c.req(reqwest::Method::POST, &path).header("accept", "application/x-ndjson").json(&body)).await?;
-        let mut stream = resp.bytes_stream();
-        let mut buf = Vec::new();
-        let mut done: Option<Value> = None;
-        while let Some(chunk) = stream.next().await {
-            buf.extend_from_slice(&chunk.context("reading the deploy's progress")?);
-            while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = buf.drain(..=nl).collect();
-                let ev: Value = serde_json::from_slice(&line).context("a deploy event is not JSON")?;
-                match ev["event"].as_str() {
-                    Some("progress") if !conn.json => eprintln!("{}", ev["message"].as_str().unwrap_or_default()),
-                    Some("done") => done = Some(ev["deploy"].clone()),
-                    _ => {}
-                }
-            }
-        }
-        let Some(d) = done else { bail!("the server ended the deploy's stream without a result") };
-        if conn.json {
-            println!("{d}");
-        }
-        if d["status"] == "succeeded" {
-            if !conn.json {
-                println!("{}: revision {} is serving", a.name, d["revision"]);
-            }
-            Ok(0)
-        } else {
-            eprintln!(
-                "berth: deploy {} of {} failed: {}",
-                d["id"],
-                a.name,
-                d["error"].as_str().unwrap_or("unknown error")
-            );
-            Ok(1)
-        }
+        follow_deploy(&c, conn, &a.name, &path, &body).await
     })
+}
+
+/// POSTs a deploy (or rollback) asking for its NDJSON progress; prints the progress to stderr
+/// and the outcome; returns 0 if it succeeded, 1 if it failed.
+async fn follow_deploy(c: &Client, conn: &Conn, name: &str, path: &str, body: &Value) -> Result<i32> {
+    let resp = c.send(c.req(reqwest::Method::POST, path).header("accept", "application/x-ndjson").json(body)).await?;
+    let mut stream = resp.bytes_stream();
+    let mut buf = Vec::new();
+    let mut done: Option<Value> = None;
+    while let Some(chunk) = stream.next().await {
+        buf.extend_from_slice(&chunk.context("reading the deploy's progress")?);
+        while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=nl).collect();
+            let ev: Value = serde_json::from_slice(&line).context("a deploy event is not JSON")?;
+            match ev["event"].as_str() {
+                Some("progress") if !conn.json => eprintln!("{}", ev["message"].as_str().unwrap_or_default()),
+                Some("done") => done = Some(ev["deploy"].clone()),
+                _ => {}
+            }
+        }
+    }
+    let Some(d) = done else { bail!("the server ended the deploy's stream without a result") };
+    if conn.json {
+        println!("{d}");
+    }
+    if d["status"] == "succeeded" {
+        if !conn.json {
+            println!("{name}: revision {} is serving", d["revision"]);
+        }
+        Ok(0)
+    } else {
+        eprintln!("berth: deploy {} of {name} failed: {}", d["id"], d["error"].as_str().unwrap_or("unknown error"));
+        Ok(1)
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RollbackArgs {
+    pub name: String,
+    /// The revision to put back in service (default: the one before the serving one).
+    pub revision: Option<i64>,
+}
+
+/// `berth rollback NAME [REVISION]`: waits until the revision serves (or says why not).
+pub fn rollback(conn: &Conn, data_dir: &Path, a: &RollbackArgs) -> Result<i32> {
+    service_name(&a.name)?;
+    let c = Client::new(conn, data_dir)?;
+    let body = match a.revision {
+        Some(n) => serde_json::json!({ "revision": n }),
+        None => serde_json::json!({}),
+    };
+    let path = format!("/services/{}/rollback", a.name);
+    crate::cli::runtime().block_on(follow_deploy(&c, conn, &a.name, &path, &body))
+}
+
+/// `berth revisions NAME`: newest first; `*` marks the one serving.
+pub fn revisions(conn: &Conn, data_dir: &Path, name: &str) -> Result<i32> {
+    service_name(name)?;
+    let c = Client::new(conn, data_dir)?;
+    let v =
+        crate::cli::runtime().block_on(c.json(c.req(reqwest::Method::GET, &format!("/services/{name}/revisions"))))?;
+    if conn.json {
+        println!("{v}");
+        return Ok(0);
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "  {:>8} {:<21} {:<20} {:>5}  IMAGE", "REVISION", "CREATED", "IMAGE ID", "PORT")?;
+    for r in v["revisions"].as_array().into_iter().flatten() {
+        let id = r["image_id"].as_str().unwrap_or("");
+        writeln!(
+            out,
+            "{} {:>8} {:<21} {:<20} {:>5}  {}",
+            if r["serving"] == true { "*" } else { " " },
+            r["number"],
+            r["created_at"].as_str().unwrap_or(""),
+            id.get(..19).unwrap_or(id),
+            r["port"],
+            r["image"].as_str().unwrap_or("")
+        )?;
+    }
+    Ok(0)
 }
 
 pub fn services(conn: &Conn, data_dir: &Path) -> Result<i32> {

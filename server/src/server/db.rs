@@ -230,6 +230,19 @@ fn revision_from_row(row: &SqliteRow) -> anyhow::Result<Revision> {
     })
 }
 
+/// A service's revisions, newest first.
+pub async fn list_revisions(pool: &SqlitePool, service_id: i64) -> anyhow::Result<Vec<Revision>> {
+    let rows = sqlx::query(
+        "SELECT number, image, image_id, port, env, health_path, created_at FROM revisions \
+         WHERE service_id = ? ORDER BY number DESC",
+    )
+    .bind(service_id)
+    .fetch_all(pool)
+    .await
+    .context("listing revisions")?;
+    rows.iter().map(revision_from_row).collect()
+}
+
 pub async fn get_revision(pool: &SqlitePool, service_id: i64, number: i64) -> anyhow::Result<Option<Revision>> {
     let row = sqlx::query(
         "SELECT number, image, image_id, port, env, health_path, created_at FROM revisions \

@@ -14,11 +14,28 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::api::AppState;
 use super::db;
-use super::platform::{self, Service};
+use super::platform::Service;
 
 /// How long a new revision's first instance gets to become ready, unless the deploy says.
 /// Instances started for held requests get as long.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What a deploy puts in service: a new image (a new revision), or an earlier revision again
+/// (a rollback: no pull, no new revision, the stored settings stay as they are).
+#[derive(Debug, Clone)]
+pub enum Source {
+    Image(Reference),
+    Revision(i64),
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Image(r) => write!(f, "{r}"),
+            Source::Revision(n) => write!(f, "revision {n}"),
+        }
+    }
+}
 
 /// What a deploy reports as it goes (streamed to `berth deploy` as NDJSON).
 #[derive(Debug, Clone, serde::Serialize)]
@@ -55,7 +72,7 @@ pub async fn run(
     service: db::Service,
     live: Arc<Service>,
     id: i64,
-    image: Reference,
+    image: Source,
     timeout: Duration,
     events: mpsc::UnboundedSender<Event>,
 ) -> db::Deploy {
@@ -98,10 +115,67 @@ async fn steps(
     service: &db::Service,
     live: &Arc<Service>,
     id: i64,
-    reference: &Reference,
+    source: &Source,
     timeout: Duration,
     events: &mpsc::UnboundedSender<Event>,
 ) -> Result<i64, String> {
+    let say = |m: String| {
+        let _ = events.send(Event::Progress { message: m });
+    };
+    let rev = match source {
+        Source::Image(reference) => new_revision(state, service, id, reference, events).await?,
+        Source::Revision(n) => {
+            let rev = db::get_revision(&state.db, service.id, *n)
+                .await
+                .map_err(|e| format!("{e:#}"))?
+                .ok_or_else(|| format!("service {} has no revision {n}", service.name))?;
+            let (engine, image_id) = (state.engine.clone(), rev.image_id.clone());
+            let present =
+                tokio::task::spawn_blocking(move || engine.images().get(&image_id).is_ok()).await.unwrap_or(false);
+            if !present {
+                return Err(format!(
+                    "revision {n}'s image {} ({}) is no longer in the image store; deploy it again",
+                    rev.image, rev.image_id
+                ));
+            }
+            db::update_deploy(&state.db, id, "starting", Some(rev.number), None, false)
+                .await
+                .map_err(|e| format!("{e:#}"))?;
+            say(format!("revision {n} ({}): starting an instance on port {}", rev.image, rev.port));
+            rev
+        }
+    };
+    let revision = super::to_live_revision(&rev);
+    let (tx, rx) = oneshot::channel();
+    live.start_candidate(revision.clone(), timeout, tx);
+    match rx.await {
+        Ok(Ok(())) => {}
+        Ok(Err(reason)) => return Err(format!("revision {} did not become ready: {reason}", rev.number)),
+        Err(_) => return Err(format!("revision {}: the start was abandoned (server stopping?)", rev.number)),
+    }
+    if live.is_deleted() {
+        return Err(format!("service {} was deleted during the deploy", service.name));
+    }
+    if matches!(source, Source::Image(_)) {
+        // Only now do the deploy's settings become the service's (a rollback keeps them).
+        db::set_service_config(&state.db, service.id, service.port, &service.env, service.health_path.as_deref())
+            .await
+            .map_err(|e| format!("{e:#}"))?;
+    }
+    db::set_current_revision(&state.db, service.id, rev.number).await.map_err(|e| format!("{e:#}"))?;
+    live.switch(revision);
+    say(format!("revision {} is serving at {}", rev.number, state.url(&service.name)));
+    Ok(rev.number)
+}
+
+/// Pulls `reference` and records the revision a deploy of it makes.
+async fn new_revision(
+    state: &AppState,
+    service: &db::Service,
+    id: i64,
+    reference: &Reference,
+    events: &mpsc::UnboundedSender<Event>,
+) -> Result<db::Revision, String> {
     let say = |m: String| {
         let _ = events.send(Event::Progress { message: m });
     };
@@ -147,32 +221,7 @@ async fn steps(
     .map_err(|e| format!("{e:#}"))?;
     db::update_deploy(&state.db, id, "starting", Some(rev.number), None, false).await.map_err(|e| format!("{e:#}"))?;
     say(format!("revision {} ({}): starting an instance on port {port}", rev.number, image.id.short()));
-    let revision = platform::Revision {
-        number: rev.number,
-        image: rev.image.clone(),
-        image_id: rev.image_id.clone(),
-        port,
-        env: rev.env.clone(),
-        health_path: rev.health_path.clone(),
-    };
-    let (tx, rx) = oneshot::channel();
-    live.start_candidate(revision.clone(), timeout, tx);
-    match rx.await {
-        Ok(Ok(())) => {}
-        Ok(Err(reason)) => return Err(format!("revision {} did not become ready: {reason}", rev.number)),
-        Err(_) => return Err(format!("revision {}: the start was abandoned (server stopping?)", rev.number)),
-    }
-    if live.is_deleted() {
-        return Err(format!("service {} was deleted during the deploy", service.name));
-    }
-    // Only now do the deploy's settings become the service's.
-    db::set_service_config(&state.db, service.id, service.port, &service.env, service.health_path.as_deref())
-        .await
-        .map_err(|e| format!("{e:#}"))?;
-    db::set_current_revision(&state.db, service.id, rev.number).await.map_err(|e| format!("{e:#}"))?;
-    live.switch(revision);
-    say(format!("revision {} is serving at {}", rev.number, state.url(&service.name)));
-    Ok(rev.number)
+    Ok(rev)
 }
 
 #[cfg(test)]

@@ -27,6 +27,8 @@ pub fn router() -> Router<AppState> {
         .route("/services/{name}/deploys", post(deploy).get(list_deploys))
         .route("/services/{name}/deploys/{id}", get(read_deploy))
         .route("/services/{name}/instances", get(instances))
+        .route("/services/{name}/revisions", get(revisions))
+        .route("/services/{name}/rollback", post(rollback))
         .route("/services/{name}/logs", get(logs))
 }
 
@@ -240,7 +242,8 @@ async fn create(
     let image = req.image.as_deref().map(parse_image).transpose()?;
     let service = insert(&state, &req.name, &req.settings).await?;
     if let Some(image) = image {
-        start_deploy(&state, service.clone(), image, &caller.0, crate::server::deploy::READY_TIMEOUT).await?;
+        let source = crate::server::deploy::Source::Image(image);
+        start_deploy(&state, service.clone(), source, &caller.0, crate::server::deploy::READY_TIMEOUT).await?;
     }
     let view = view(&state, &req.name).await?;
     Ok((StatusCode::CREATED, Json(view)))
@@ -350,7 +353,7 @@ fn flag(name: &str, v: &Option<String>) -> Result<bool, Error> {
 async fn start_deploy(
     state: &AppState,
     service: Service,
-    image: berth_agent::reference::Reference,
+    source: crate::server::deploy::Source,
     caller: &str,
     timeout: Duration,
 ) -> Result<
@@ -361,7 +364,11 @@ async fn start_deploy(
         .platform
         .get(&service.name)
         .ok_or_else(|| Error::NotFound(format!("no service named {:?}", service.name)))?;
-    let id = db::insert_deploy(&state.db, service.id, &image.to_string(), caller).await?;
+    let what = match &source {
+        crate::server::deploy::Source::Image(r) => r.to_string(),
+        crate::server::deploy::Source::Revision(n) => format!("rollback to revision {n}"),
+    };
+    let id = db::insert_deploy(&state.db, service.id, &what, caller).await?;
     if let Err(other) = live.begin_deploy(id) {
         db::update_deploy(&state.db, id, "failed", None, Some("another deploy was running"), true).await?;
         return Err(Error::Conflict(format!(
@@ -370,7 +377,7 @@ async fn start_deploy(
         )));
     }
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let handle = tokio::spawn(crate::server::deploy::run(state.clone(), service, live, id, image, timeout, tx));
+    let handle = tokio::spawn(crate::server::deploy::run(state.clone(), service, live, id, source, timeout, tx));
     Ok((id, rx, handle))
 }
 
@@ -388,6 +395,7 @@ async fn deploy(
 ) -> Result<Response, Error> {
     let req: DeployRequest = body(&bytes)?;
     let image = parse_image(&req.image)?;
+    let wait = flag("wait", &q.wait)?;
     let timeout = match &req.timeout {
         Some(t) => {
             let ms = scaling::parse_duration(t).map_err(|e| Error::BadRequest(format!("timeout: {e}")))?;
@@ -417,7 +425,24 @@ async fn deploy(
             Err(e) => return Err(e),
         },
     };
-    let (id, mut events, handle) = start_deploy(&state, service, image, &caller.0, timeout).await?;
+    let source = crate::server::deploy::Source::Image(image);
+    let started = start_deploy(&state, service, source, &caller.0, timeout).await?;
+    respond(&state, &name, started, &headers, wait).await
+}
+
+type Started =
+    (i64, tokio::sync::mpsc::UnboundedReceiver<crate::server::deploy::Event>, tokio::task::JoinHandle<db::Deploy>);
+
+/// A deploy's answer: an NDJSON event stream (`Accept: application/x-ndjson`), the finished
+/// deploy (`wait`: 200, or 422 with the reason), or 202 and the deploy as it starts.
+async fn respond(
+    state: &AppState,
+    name: &str,
+    started: Started,
+    headers: &HeaderMap,
+    wait: bool,
+) -> Result<Response, Error> {
+    let (id, mut events, handle) = started;
     let stream =
         headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("application/x-ndjson"));
     if stream {
@@ -432,15 +457,75 @@ async fn deploy(
         });
         return Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response());
     }
-    if flag("wait", &q.wait)? {
+    if wait {
         let deploy = handle.await.map_err(|e| anyhow::anyhow!("the deploy task failed: {e}"))?;
         if deploy.status == "succeeded" {
             return Ok(Json(deploy).into_response());
         }
         return Ok((StatusCode::UNPROCESSABLE_ENTITY, Json(deploy)).into_response());
     }
-    let deploy = db::get_deploy(&state.db, &name, id).await?.ok_or_else(|| anyhow::anyhow!("deploy {id} vanished"))?;
+    let deploy = db::get_deploy(&state.db, name, id).await?.ok_or_else(|| anyhow::anyhow!("deploy {id} vanished"))?;
     Ok((StatusCode::ACCEPTED, Json(deploy)).into_response())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Rollback {
+    /// Default: the newest revision older than the serving one.
+    #[serde(default)]
+    revision: Option<i64>,
+}
+
+/// `POST /services/{name}/rollback`: puts an earlier revision back in service, the way a
+/// deploy does (its instance must be ready before the traffic moves). Answers as a deploy.
+async fn rollback(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+    Query(q): Query<DeployQuery>,
+    headers: HeaderMap,
+    bytes: Bytes,
+) -> Result<Response, Error> {
+    let req: Rollback = if bytes.is_empty() { Rollback::default() } else { body(&bytes)? };
+    let wait = flag("wait", &q.wait)?;
+    let service = find(&state, &name).await?;
+    let revisions = db::list_revisions(&state.db, service.id).await?;
+    let Some(current) = service.revision else {
+        return Err(Error::Conflict(format!("service {name:?} has no revision in service yet: deploy one first")));
+    };
+    let target = match req.revision {
+        Some(n) if revisions.iter().any(|r| r.number == n) => n,
+        Some(n) => return Err(Error::NotFound(format!("service {name:?} has no revision {n}"))),
+        None => revisions
+            .iter()
+            .map(|r| r.number)
+            .filter(|&n| n < current)
+            .max()
+            .ok_or_else(|| Error::Conflict(format!("service {name:?} has no revision older than {current}")))?,
+    };
+    if target == current {
+        return Err(Error::Conflict(format!("revision {target} of {name:?} is already serving")));
+    }
+    let source = crate::server::deploy::Source::Revision(target);
+    let started = start_deploy(&state, service, source, &caller.0, crate::server::deploy::READY_TIMEOUT).await?;
+    respond(&state, &name, started, &headers, wait).await
+}
+
+/// `GET /services/{name}/revisions`: newest first, with the one taking the traffic marked.
+async fn revisions(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<serde_json::Value>, Error> {
+    let service = find(&state, &name).await?;
+    let list: Vec<serde_json::Value> = db::list_revisions(&state.db, service.id)
+        .await?
+        .into_iter()
+        .map(|r| {
+            serde_json::json!({
+                "number": r.number, "image": r.image, "image_id": r.image_id, "port": r.port,
+                "env": r.env, "health_path": r.health_path, "created_at": r.created_at,
+                "serving": Some(r.number) == service.revision,
+            })
+        })
+        .collect();
+    Ok(Json(serde_json::json!({ "revisions": list })))
 }
 
 async fn read_deploy(
