@@ -149,15 +149,35 @@ fn idle_instances_freeze_then_stop_and_each_time_the_next_request_is_answered() 
     assert_eq!(s.service("app")["instances"][0]["id"], id, "the same instance, thawed");
 
     s.wait_service("app", Duration::from_secs(15), "no instance", |v| states(v).is_empty());
+    // At zero: at most one container, prepared (created, its process not started), and no
+    // process of the app's image anywhere in its cgroup.
     assert!(
-        Berth::wait_until(Duration::from_secs(10), || containers_of(&b, "app").is_empty()),
-        "at zero no container of the service exists: {:?}",
+        Berth::wait_until(Duration::from_secs(10), || {
+            let c = containers_of(&b, "app");
+            c.len() == 1 && c[0].1 == "created"
+        }),
+        "at zero only a prepared container: {:?}",
         containers_of(&b, "app")
     );
+    for (id, _) in containers_of(&b, "app") {
+        for p in std::fs::read_dir("/proc").unwrap().flatten() {
+            let cg = std::fs::read_to_string(p.path().join("cgroup")).unwrap_or_default();
+            if cg.contains(&id) {
+                let cmd = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
+                let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+                assert!(!cmd.contains("app.py"), "an app process runs at zero: {cmd}");
+            }
+        }
+    }
+    s.wait_service("app", Duration::from_secs(10), "a prepared container", |v| v["prepared"] == true);
+    let prepared = containers_of(&b, "app")[0].0.clone();
     let before = instance_count_started(&s);
     let r = s.get("app", "/");
     assert_eq!((r.status, r.text().as_str()), (200, "python ok"), "answered from zero");
     assert_eq!(instance_count_started(&s), before + 1);
+    let v = s.service("app");
+    assert_eq!(v["instances"][0]["id"], prepared.as_str(), "the prepared container was started: {v}");
+    assert_eq!(v["prepared"], false);
     // Stopped instances' logs are kept.
     let logs = s.cli_ok(&b, &["logs", "app"]);
     assert!(logs.matches("python app listening on port 8000").count() >= 2, "{logs}");
@@ -344,7 +364,8 @@ fn containers_reach_neither_the_api_nor_other_services() {
 #[test]
 fn proxy_errors_are_fixed_and_explained() {
     let b = Berth::new();
-    let s = Server::start(&b, &[]);
+    // No prepared container: the start-failed case needs every start to begin from the image.
+    let s = Server::start(&b, &["--prepared", "0"]);
     // Not deployed yet.
     s.call("POST", "/api/v1/services", Some(json!({"name": "empty"})));
     let r = s.get("empty", "/");

@@ -48,6 +48,10 @@ pub struct Spec {
     pub network: NetworkConfig,
     pub logs: LogConfig,
     pub created: String,
+    /// Prepared: the shim creates the container (everything but the process's exec) and waits
+    /// for `start` on its socket; it tears everything down if the socket closes first.
+    #[serde(default)]
+    pub prepare: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -76,6 +76,15 @@ pub struct RunOptions {
     pub labels: BTreeMap<String, String>,
 }
 
+/// A container created by [`Engine::prepare`] whose process has not started: its shim waits on
+/// this socket. [`Engine::start_prepared`] starts it; dropping it makes the shim tear the
+/// container down (then [`Engine::remove`] deletes it).
+#[derive(Debug)]
+pub struct Prepared {
+    pub id: String,
+    sock: UnixStream,
+}
+
 static FORWARD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
 
 extern "C" fn remember_signal(sig: libc::c_int) {
@@ -176,6 +185,39 @@ impl Engine {
         opts: RunOptions,
         attach: bool,
     ) -> Result<(Container, Option<Attach>), Error> {
+        let (c, sock) = self.create(image, image_ref, opts, false)?;
+        Ok((c, attach.then_some(Attach { sock })))
+    }
+
+    /// Creates a container of `image` without starting its process (see [`Prepared`]).
+    pub fn prepare(&self, image: &Image, image_ref: &str, opts: RunOptions) -> Result<Prepared, Error> {
+        let (c, sock) = self.create(image, image_ref, opts, true)?;
+        Ok(Prepared { id: c.id, sock })
+    }
+
+    /// Starts a prepared container's process; returns once it runs, as [`Engine::run`].
+    pub fn start_prepared(&self, p: Prepared) -> Result<Container, Error> {
+        use std::io::Write;
+        (&p.sock).write_all(b"start\n").map_err(io_err("telling the shim to start"))?;
+        let _ = p.sock.set_read_timeout(Some(Duration::from_secs(120)));
+        let line = read_line(&p.sock).map_err(io_err("waiting for the shim"))?;
+        if let Some(reason) = line.strip_prefix("error ") {
+            return Err(Error::Start(p.id[..12].to_string(), reason.to_string()));
+        }
+        if !line.starts_with("started ") {
+            return Err(Error::Start(p.id[..12].to_string(), format!("the shim answered {line:?} to start")));
+        }
+        drop(p.sock);
+        self.get(&p.id)
+    }
+
+    fn create(
+        &self,
+        image: &Image,
+        image_ref: &str,
+        opts: RunOptions,
+        prepare: bool,
+    ) -> Result<(Container, UnixStream), Error> {
         let id = container::new_id();
         let name = match &opts.name {
             Some(n) => {
@@ -184,7 +226,8 @@ impl Engine {
             }
             None => container::random_name(&id),
         };
-        let spec = self.make_spec(&id, &name, image, image_ref, &opts)?;
+        let mut spec = self.make_spec(&id, &name, image, image_ref, &opts)?;
+        spec.prepare = prepare;
         self.reserve_name(&name, &id)?;
         let paths = self.paths(&id);
         let result = (|| {
@@ -192,10 +235,10 @@ impl Engine {
             container::write_atomic(&paths.spec(), &serde_json::to_vec_pretty(&spec).expect("spec serialises"))
                 .map_err(io_err("writing the container spec"))?;
             paths.write_state(&State::new()).map_err(io_err("writing the container state"))?;
-            self.spawn_shim(&id, attach)
+            self.spawn_shim(&id, if prepare { "created" } else { "started " })
         })();
         match result {
-            Ok(att) => Ok((self.get(&id)?, att)),
+            Ok(sock) => Ok((self.get(&id)?, sock)),
             Err(e) => {
                 // A shim that failed has cleaned up what it took; the directory and the name are
                 // ours to release. Its state says why, for `container inspect`, unless --rm.
@@ -274,6 +317,7 @@ impl Engine {
             network: self.config.network.clone(),
             logs: self.config.logs.clone(),
             created: crate::logs::now_rfc3339(),
+            prepare: false,
         })
     }
 
@@ -305,7 +349,9 @@ impl Engine {
         }
     }
 
-    fn spawn_shim(&self, id: &str, attach: bool) -> Result<Option<Attach>, Error> {
+    /// Spawns the shim and waits for its first line, which must start with `expect`; returns
+    /// the socket.
+    fn spawn_shim(&self, id: &str, expect: &str) -> Result<UnixStream, Error> {
         let (ours, theirs) = UnixStream::pair().map_err(io_err("creating the shim socket"))?;
         let fd = theirs.as_raw_fd();
         let mut cmd = Command::new(&self.shim.program);
@@ -328,26 +374,12 @@ impl Engine {
             let _ = child.wait();
         });
         let _ = ours.set_read_timeout(Some(Duration::from_secs(120)));
-        // Byte by byte, not through a BufReader: a container that exits at once has its
-        // `exited` message right behind this line, and a buffered read would swallow it, leaving
-        // the attached client and the shim each waiting for the other.
-        let mut raw = Vec::new();
-        let mut byte = [0u8; 1];
-        loop {
-            match (&ours).read(&mut byte) {
-                Ok(0) => break,
-                Ok(_) if byte[0] == b'\n' => break,
-                Ok(_) => raw.push(byte[0]),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(io_err("waiting for the shim")(e)),
-            }
-        }
-        let line = String::from_utf8_lossy(&raw);
-        let line = line.trim_end();
+        let line = read_line(&ours).map_err(io_err("waiting for the shim"))?;
+        let line = line.as_str();
         if let Some(reason) = line.strip_prefix("error ") {
             return Err(Error::Start(id[..12].to_string(), reason.to_string()));
         }
-        if !line.starts_with("started ") {
+        if !line.starts_with(expect) {
             let log = fs::read_to_string(self.paths(id).shim_log()).unwrap_or_default();
             return Err(Error::Start(
                 id[..12].to_string(),
@@ -355,7 +387,7 @@ impl Engine {
             ));
         }
         let _ = ours.set_read_timeout(None);
-        Ok(if attach { Some(Attach { sock: ours }) } else { None })
+        Ok(ours)
     }
 
     /// All containers, newest first.
@@ -546,6 +578,24 @@ impl Engine {
             }
         }
     }
+}
+
+/// One line from the shim, read byte by byte, not through a BufReader: a container that exits
+/// at once has its `exited` message right behind `started`, and a buffered read would swallow
+/// it, leaving the attached client and the shim each waiting for the other.
+fn read_line(sock: &UnixStream) -> io::Result<String> {
+    let mut raw = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match (&*sock).read(&mut byte) {
+            Ok(0) => break,
+            Ok(_) if byte[0] == b'\n' => break,
+            Ok(_) => raw.push(byte[0]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(String::from_utf8_lossy(&raw).trim_end().to_string())
 }
 
 fn freezer_set(id: &str, frozen: bool) -> io::Result<()> {

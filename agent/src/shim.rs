@@ -11,6 +11,10 @@
 //! `error <reason>`. When the container has exited the shim writes `exited` and waits for the
 //! creator to close its end (a foreground `berth run` reads the last of the log first), then,
 //! for `--rm` containers, removes the container's directory.
+//!
+//! A prepared container (`Spec::prepare`) stops short of the exec: the shim writes `created`,
+//! waits for the line `start`, then starts the process and goes on as above with `started
+//! <pid>`. If the socket closes first, the container is torn down and marked failed.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -194,6 +198,22 @@ impl Shim {
         }
     }
 
+    /// One line from the creator on the notify socket; None at EOF.
+    fn read_command(&mut self) -> Option<String> {
+        let n = self.notify.as_mut()?;
+        let mut raw = Vec::new();
+        let mut byte = [0u8; 1];
+        loop {
+            match n.read(&mut byte) {
+                Ok(0) => return None,
+                Ok(_) if byte[0] == b'\n' => return Some(String::from_utf8_lossy(&raw).into_owned()),
+                Ok(_) => raw.push(byte[0]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => return None,
+            }
+        }
+    }
+
     fn tell(&mut self, line: &str) {
         if let Some(n) = self.notify.as_mut() {
             let _ = n.write_all(format!("{line}\n").as_bytes());
@@ -266,6 +286,16 @@ impl Shim {
         .build()
         .map_err(|e| anyhow::anyhow!("{}", runtime_reason(&e.to_string())))?;
         tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "container created");
+        if spec.prepare {
+            // Prepared: everything is in place but the process's exec. Wait for the creator's
+            // `start`; if its socket closes first (it evicted us, or it died), give up, and the
+            // error path releases what was taken.
+            self.tell("created");
+            if self.read_command().as_deref() != Some("start") {
+                anyhow::bail!("the prepared container was abandoned before it started");
+            }
+            tracing::debug!("prepared container told to start");
+        }
         c.start().map_err(|e| anyhow::anyhow!("starting the container process: {}", runtime_reason(&e.to_string())))?;
         tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "container started");
         Ok((c, out_r, err_r))

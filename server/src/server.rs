@@ -131,7 +131,12 @@ async fn serve(data_dir: &Path, cfg: berth_agent::Config, settings: Settings) ->
         http_port,
     };
     let adopted = load_services(&state).await?;
-    let executor = instance::Executor { engine: engine.clone(), data_dir: data_dir.to_path_buf() };
+    let executor = instance::Executor {
+        engine: engine.clone(),
+        data_dir: data_dir.to_path_buf(),
+        prepared: Default::default(),
+        max_prepared: settings.prepared,
+    };
     tokio::spawn(executor.run(actions_rx));
     tokio::spawn(ticker(platform.clone()));
     let firewall = Firewall::install(&bridge, api_port);
@@ -208,7 +213,11 @@ async fn load_services(state: &api::AppState) -> anyhow::Result<usize> {
             (Some(&sid), Some(n)) => db::get_revision(&state.db, sid, n).await?,
             _ => None,
         };
-        match (live, rev, c.is_running(), c.state.ip()) {
+        // Only started instances: a container still `created` was being started, or was a
+        // prepared one whose server (the previous one) is gone; it is removed.
+        let started =
+            matches!(c.state.status, berth_agent::container::Status::Running | berth_agent::container::Status::Paused);
+        match (live, rev, c.is_running() && started, c.state.ip()) {
             (Some(live), Some(rev), true, Some(ip)) => {
                 let frozen = c.state.status == berth_agent::container::Status::Paused;
                 let addr = std::net::SocketAddr::new(ip.into(), rev.port);

@@ -30,6 +30,16 @@ const KEEP_LOGS: usize = 20;
 pub struct Executor {
     pub engine: Arc<Engine>,
     pub data_dir: PathBuf,
+    /// Prepared containers (created, not started), oldest first, at most `max_prepared`.
+    pub prepared: Arc<std::sync::Mutex<std::collections::VecDeque<PreparedEntry>>>,
+    pub max_prepared: usize,
+}
+
+/// A prepared container waiting for its service's next cold start.
+pub struct PreparedEntry {
+    svc: Arc<Service>,
+    revision: i64,
+    container: berth_agent::engine::Prepared,
 }
 
 impl Executor {
@@ -81,6 +91,11 @@ impl Executor {
                 tracing::info!(service = %svc.name, slot, "instance stopped");
                 svc.on_stopped(slot);
             }
+            Action::Prepare { svc, revision } => self.prepare(svc, revision).await,
+            Action::Discard { service, name } => {
+                tracing::debug!(service = %name, "discarding prepared containers");
+                self.act_discard(service).await;
+            }
             Action::Check { svc, slot, container } => {
                 let c2 = container.clone();
                 let dead = self
@@ -100,6 +115,87 @@ impl Executor {
         }
     }
 
+    /// Prepares a container of `rev` for `svc` (at most one per service), evicting the oldest
+    /// prepared container beyond `max_prepared`.
+    async fn prepare(&self, svc: Arc<Service>, rev: Arc<Revision>) {
+        if self.max_prepared == 0 {
+            return;
+        }
+        let already = self
+            .prepared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|e| e.svc.id == svc.id && e.revision == rev.number);
+        if already || svc.is_deleted() {
+            return;
+        }
+        let (name, r) = (svc.name.clone(), rev.clone());
+        let made = self
+            .blocking(move |e| -> Result<berth_agent::engine::Prepared, String> {
+                let image = e.images().get(&r.image_id).map_err(|err| err.to_string())?;
+                e.prepare(&image, &r.image, run_options(&name, &r)).map_err(|err| err.to_string())
+            })
+            .await;
+        let p = match made {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(service = %svc.name, error = %e, "preparing a container failed");
+                return;
+            }
+        };
+        tracing::debug!(service = %svc.name, revision = rev.number, container = %&p.id[..12], "container prepared");
+        svc.set_prepared(true);
+        let entry = PreparedEntry { svc: svc.clone(), revision: rev.number, container: p };
+        let evicted: Vec<PreparedEntry> = {
+            let mut list = self.prepared.lock().unwrap_or_else(|e| e.into_inner());
+            list.push_back(entry);
+            let excess = list.len().saturating_sub(self.max_prepared);
+            list.drain(..excess).collect()
+        };
+        for e in evicted {
+            self.discard(e).await;
+        }
+        // Deleted while it was being made.
+        if svc.is_deleted() {
+            self.act_discard(svc.id).await;
+        }
+    }
+
+    async fn act_discard(&self, service: i64) {
+        let gone: Vec<PreparedEntry> = {
+            let mut list = self.prepared.lock().unwrap_or_else(|e| e.into_inner());
+            let all: Vec<PreparedEntry> = list.drain(..).collect();
+            let (gone, keep): (Vec<_>, Vec<_>) = all.into_iter().partition(|e| e.svc.id == service);
+            list.extend(keep);
+            gone
+        };
+        for e in gone {
+            self.discard(e).await;
+        }
+    }
+
+    /// Closes a prepared container's socket (its shim tears it down) and removes it.
+    async fn discard(&self, e: PreparedEntry) {
+        let id = e.container.id.clone();
+        let (dir, name) = (self.data_dir.clone(), e.svc.name.clone());
+        e.svc.set_prepared(false);
+        drop(e.container);
+        self.blocking(move |eng| {
+            archive_log(eng, &dir, &name, &id);
+            let _ = eng.remove(&id, true);
+        })
+        .await;
+    }
+
+    fn take_prepared(&self, service: i64, revision: i64) -> Option<berth_agent::engine::Prepared> {
+        let mut list = self.prepared.lock().unwrap_or_else(|e| e.into_inner());
+        let i = list.iter().position(|e| e.svc.id == service && e.revision == revision)?;
+        let e = list.remove(i)?;
+        e.svc.set_prepared(false);
+        Some(e.container)
+    }
+
     async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(&Engine) -> T + Send + 'static) -> T {
         let engine = self.engine.clone();
         tokio::task::spawn_blocking(move || f(&engine)).await.expect("an engine call panicked")
@@ -116,8 +212,20 @@ impl Executor {
     ) -> Result<SocketAddr, String> {
         let deadline = Instant::now() + timeout;
         let (name, r) = (svc.name.clone(), rev.clone());
+        let prepared = self.take_prepared(svc.id, rev.number);
         let started = self
             .blocking(move |e| -> Result<(String, Option<std::net::Ipv4Addr>), String> {
+                if let Some(p) = prepared {
+                    let id = p.id.clone();
+                    match e.start_prepared(p) {
+                        Ok(c) => return Ok((c.id.clone(), c.state.ip())),
+                        // Fall back to a container made now; the prepared one is gone.
+                        Err(err) => {
+                            tracing::warn!(container = %&id[..12], error = %err, "starting a prepared container failed");
+                            let _ = e.remove(&id, true);
+                        }
+                    }
+                }
                 let image = e
                     .images()
                     .get(&r.image_id)

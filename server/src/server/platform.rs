@@ -70,11 +70,44 @@ pub type StartNotice = oneshot::Sender<Result<(), String>>;
 /// Work for [`super::instance`], decided under the service's lock and done outside it.
 #[derive(Debug)]
 pub enum Action {
-    Start { svc: Arc<Service>, slot: u64, revision: Arc<Revision>, timeout: Duration, notify: Option<StartNotice> },
-    Freeze { svc: Arc<Service>, slot: u64, container: String },
-    Thaw { svc: Arc<Service>, slot: u64, container: String },
-    Stop { svc: Arc<Service>, slot: u64, container: Option<String> },
-    Check { svc: Arc<Service>, slot: u64, container: String },
+    Start {
+        svc: Arc<Service>,
+        slot: u64,
+        revision: Arc<Revision>,
+        timeout: Duration,
+        notify: Option<StartNotice>,
+    },
+    Freeze {
+        svc: Arc<Service>,
+        slot: u64,
+        container: String,
+    },
+    Thaw {
+        svc: Arc<Service>,
+        slot: u64,
+        container: String,
+    },
+    Stop {
+        svc: Arc<Service>,
+        slot: u64,
+        container: Option<String>,
+    },
+    Check {
+        svc: Arc<Service>,
+        slot: u64,
+        container: String,
+    },
+    /// The service went to zero: keep a container of `revision` created but not started, so
+    /// the next cold start skips most of the setup.
+    Prepare {
+        svc: Arc<Service>,
+        revision: Arc<Revision>,
+    },
+    /// Drop the prepared containers of service `service` (deleted, or a new revision).
+    Discard {
+        service: i64,
+        name: String,
+    },
 }
 
 type Waiter = oneshot::Sender<Result<Lease, Refusal>>;
@@ -100,6 +133,8 @@ struct Inner {
 pub struct Service {
     pub name: String,
     pub id: i64,
+    /// A prepared container (created, not started) waits for this service's next cold start.
+    prepared: std::sync::atomic::AtomicBool,
     inner: Mutex<Inner>,
     actions: mpsc::UnboundedSender<Action>,
 }
@@ -152,6 +187,7 @@ pub struct Snapshot {
     pub last_error: Option<String>,
     pub deploying: Option<i64>,
     pub status: &'static str,
+    pub prepared: bool,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -184,6 +220,7 @@ impl Service {
         Arc::new(Service {
             name,
             id,
+            prepared: std::sync::atomic::AtomicBool::new(false),
             inner: Mutex::new(Inner {
                 scaling,
                 revision: revision.map(Arc::new),
@@ -207,6 +244,14 @@ impl Service {
 
     fn act(&self, a: Action) {
         let _ = self.actions.send(a);
+    }
+
+    pub fn set_prepared(&self, yes: bool) {
+        self.prepared.store(yes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn is_prepared(&self) -> bool {
+        self.prepared.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn scaling(&self) -> Scaling {
@@ -509,6 +554,12 @@ impl Service {
         let mut g = self.lock();
         g.instances.retain(|i| i.slot != slot);
         self.dispatch(&mut g);
+        if g.instances.is_empty() && !g.deleted && g.candidate.is_none() {
+            if let Some(rev) = g.revision.clone() {
+                drop(g);
+                self.act(Action::Prepare { svc: self.clone(), revision: rev });
+            }
+        }
     }
 
     /// A ready instance's container is gone (crashed, killed): forget it.
@@ -585,6 +636,9 @@ impl Service {
         if g.candidate == Some(revision.number) {
             g.candidate = None;
         }
+        if g.revision.as_ref().map(|r| r.number) != Some(revision.number) {
+            self.act(Action::Discard { service: self.id, name: self.name.clone() });
+        }
         g.revision = Some(Arc::new(revision));
         g.last_error = None;
         g.retry_after = None;
@@ -595,6 +649,7 @@ impl Service {
     pub fn delete(self: &Arc<Self>) {
         let mut g = self.lock();
         g.deleted = true;
+        self.act(Action::Discard { service: self.id, name: self.name.clone() });
         for w in g.waiters.drain(..) {
             let _ = w.send(Err(Refusal::Deleted));
         }
@@ -667,6 +722,7 @@ impl Service {
             last_error: g.last_error.clone(),
             deploying: g.deploying,
             status,
+            prepared: self.is_prepared(),
         }
     }
 }
@@ -870,12 +926,26 @@ mod tests {
     }
 
     #[test]
+    fn going_to_zero_asks_for_a_prepared_container_and_delete_discards_it() {
+        let (svc, mut actions) = service(Scaling::default());
+        svc.adopt("c1", 1, addr(), true, "t".into());
+        svc.on_stopped(1);
+        assert!(matches!(actions.try_recv(), Ok(Action::Prepare { .. })), "at zero: prepare one");
+        svc.delete();
+        assert!(matches!(actions.try_recv(), Ok(Action::Discard { service: 1, .. })));
+    }
+
+    #[test]
     fn a_new_revision_takes_new_requests_and_the_old_one_drains() {
         let (svc, mut actions) = service(Scaling::default());
         svc.adopt("old", 1, addr(), false, "t".into());
         let Acquired::Now(old_lease) = svc.acquire() else { panic!() };
         svc.adopt("new", 2, "10.0.0.3:8080".parse().unwrap(), false, "t".into());
         svc.switch(rev(2));
+        assert!(
+            matches!(actions.try_recv(), Ok(Action::Discard { service: 1, .. })),
+            "a new revision makes a prepared container of the old one useless"
+        );
         let Acquired::Now(new_lease) = svc.acquire() else { panic!() };
         assert_eq!(new_lease.addr.to_string(), "10.0.0.3:8080");
         svc.tick(Instant::now());

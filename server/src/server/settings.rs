@@ -29,6 +29,11 @@ pub struct Args {
     /// connection, like 10s.
     #[arg(long, env = "BERTH_HEADER_TIMEOUT", default_value = "10s", value_name = "DUR")]
     pub header_timeout: String,
+    /// How many services that went to zero keep a container created but not started, so their
+    /// next cold start skips most of the setup (each costs a shim, an init process, an address
+    /// and cgroups; 0 turns it off).
+    #[arg(long, env = "BERTH_PREPARED", default_value_t = 4, value_name = "N")]
+    pub prepared: usize,
 }
 
 /// The validated options.
@@ -42,6 +47,7 @@ pub struct Settings {
     pub trusted_proxies: Vec<Cidr>,
     pub hold_body_limit: usize,
     pub header_timeout: std::time::Duration,
+    pub prepared: usize,
 }
 
 impl Settings {
@@ -82,7 +88,19 @@ impl Settings {
                 "--http-addr and --api-addr are both {http_addr}: the proxy and the API need their own ports"
             ));
         }
-        Ok(Settings { http_addr, api_addr, domain, control_host, trusted_proxies, hold_body_limit, header_timeout })
+        if args.prepared > 1000 {
+            return Err(format!("--prepared {}: at most 1000", args.prepared));
+        }
+        Ok(Settings {
+            http_addr,
+            api_addr,
+            domain,
+            control_host,
+            trusted_proxies,
+            hold_body_limit,
+            header_timeout,
+            prepared: args.prepared,
+        })
     }
 }
 
@@ -269,6 +287,7 @@ mod tests {
             trusted_proxy: vec![],
             hold_body_limit: "1m".into(),
             header_timeout: "10s".into(),
+            prepared: 4,
         }
     }
 

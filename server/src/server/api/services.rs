@@ -90,6 +90,8 @@ struct View {
     deploying: Option<i64>,
     /// The newest deploy, whatever its outcome (a failed first deploy shows here).
     last_deploy: Option<db::Deploy>,
+    /// A container of the serving revision is created (not started) for the next cold start.
+    prepared: bool,
     created_at: String,
     updated_at: String,
 }
@@ -104,6 +106,7 @@ impl View {
             last_error: None,
             deploying: None,
             status: "not-deployed",
+            prepared: false,
         });
         View {
             url: state.url(&s.name),
@@ -120,6 +123,7 @@ impl View {
             last_error: live.last_error,
             deploying: live.deploying,
             last_deploy,
+            prepared: live.prepared,
             created_at: s.created_at,
             updated_at: s.updated_at,
             name: s.name,
