@@ -10,6 +10,9 @@ work=$(mktemp -d /tmp/bench-run.XXXXXX)
 cleanup() {
   "$BERTH" --data-dir "$work/data" container ls --all --json 2>/dev/null | python3 -c 'import json,sys; [print(c["id"]) for c in json.load(sys.stdin)]' | xargs -r "$BERTH" --data-dir "$work/data" container rm --force >/dev/null 2>&1 || true
   ip link del bbench0 2>/dev/null || true
+  for t in filter nat; do
+    iptables -w -t "$t" -S 2>/dev/null | grep -- 'bbench0' | sed 's/^-A/-D/' | xargs -r -L1 iptables -w -t "$t" 2>/dev/null || true
+  done
   umount -l "$work"/data/containers/*/rootfs 2>/dev/null || true
   rm -rf "$work"
 }
