@@ -34,7 +34,7 @@ impl ServiceLine {
 }
 
 pub struct ServiceLogs {
-    engine: Option<Arc<Engine>>,
+    engine: Arc<Engine>,
     data_dir: PathBuf,
     service: String,
     /// Followers of running instances' logs, by container id.
@@ -45,23 +45,11 @@ pub struct ServiceLogs {
 
 impl ServiceLogs {
     pub fn new(engine: Arc<Engine>, data_dir: PathBuf, service: String) -> ServiceLogs {
-        ServiceLogs { engine: Some(engine), data_dir, service, live: BTreeMap::new(), seen_archives: HashSet::new() }
-    }
-
-    /// A placeholder while the real one is on a blocking thread.
-    pub fn empty() -> ServiceLogs {
-        ServiceLogs {
-            engine: None,
-            data_dir: PathBuf::new(),
-            service: String::new(),
-            live: BTreeMap::new(),
-            seen_archives: HashSet::new(),
-        }
+        ServiceLogs { engine, data_dir, service, live: BTreeMap::new(), seen_archives: HashSet::new() }
     }
 
     fn containers(&self) -> Vec<String> {
-        let Some(engine) = &self.engine else { return Vec::new() };
-        engine
+        self.engine
             .list()
             .unwrap_or_default()
             .into_iter()
@@ -73,7 +61,7 @@ impl ServiceLogs {
     /// Everything there is now, oldest first (the last `tail` lines if given); afterwards
     /// [`poll`](Self::poll) returns only what is new.
     pub fn read_all(&mut self, tail: Option<usize>) -> Vec<ServiceLine> {
-        let Some(engine) = self.engine.clone() else { return Vec::new() };
+        let engine = self.engine.clone();
         let mut out = Vec::new();
         if let Ok(rd) = std::fs::read_dir(log_dir(&self.data_dir, &self.service)) {
             for e in rd.flatten() {
@@ -102,7 +90,7 @@ impl ServiceLogs {
 
     /// New lines since the last call, including those of instances started since.
     pub fn poll(&mut self) -> Vec<ServiceLine> {
-        let Some(engine) = self.engine.clone() else { return Vec::new() };
+        let engine = self.engine.clone();
         let mut out = Vec::new();
         let current = self.containers();
         for id in &current {

@@ -358,14 +358,15 @@ impl Service {
         }
     }
 
-    fn start_locked(self: &Arc<Self>, g: &mut Inner, revision: Arc<Revision>) {
+    /// Adds a `starting` instance of `revision`; returns its slot.
+    fn push_starting(g: &mut Inner, revision: i64) -> u64 {
         let slot = g.next_slot;
         g.next_slot += 1;
         let now = Instant::now();
         g.instances.push(Instance {
             slot,
             container: None,
-            revision: revision.number,
+            revision,
             addr: None,
             state: InstanceState::Starting,
             in_flight: 0,
@@ -373,6 +374,11 @@ impl Service {
             started_at: super::db::now(),
             checked: now,
         });
+        slot
+    }
+
+    fn start_locked(self: &Arc<Self>, g: &mut Inner, revision: Arc<Revision>) {
+        let slot = Self::push_starting(g, revision.number);
         // An instance gets as long to start as a deploy gives it, however short the requests'
         // timeout: a held request may give up (504), the instance still comes up for the next.
         let timeout = super::deploy::READY_TIMEOUT;
@@ -384,20 +390,7 @@ impl Service {
     pub fn start_candidate(self: &Arc<Self>, revision: Revision, timeout: Duration, notify: StartNotice) {
         let mut g = self.lock();
         g.candidate = Some(revision.number);
-        let slot = g.next_slot;
-        g.next_slot += 1;
-        let now = Instant::now();
-        g.instances.push(Instance {
-            slot,
-            container: None,
-            revision: revision.number,
-            addr: None,
-            state: InstanceState::Starting,
-            in_flight: 0,
-            last_active: now,
-            started_at: super::db::now(),
-            checked: now,
-        });
+        let slot = Self::push_starting(&mut g, revision.number);
         drop(g);
         self.act(Action::Start {
             svc: self.clone(),

@@ -570,45 +570,30 @@ async fn logs(
     let tail = q.tail;
     let st = state.clone();
     let body = async_stream(move |tx| async move {
-        let mut logs = super::super::logs::ServiceLogs::new(st.engine.clone(), st.data_dir.clone(), name.clone());
-        let first = tokio::task::spawn_blocking({
-            let mut l = std::mem::replace(&mut logs, super::super::logs::ServiceLogs::empty());
-            move || {
-                let lines = l.read_all(tail);
-                (l, lines)
-            }
-        })
-        .await;
-        let Ok((l, lines)) = first else { return };
-        logs = l;
-        for line in lines {
-            if tx.send(line.to_ndjson()).await.is_err() {
-                return;
-            }
-        }
-        if !follow {
-            return;
-        }
+        use crate::server::logs::ServiceLogs;
+        // The reads are blocking file I/O: each batch runs on a blocking thread, which gets the
+        // reader and hands it back.
+        let mut logs = Some(ServiceLogs::new(st.engine.clone(), st.data_dir.clone(), name.clone()));
+        let mut first = true;
         loop {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            let polled = tokio::task::spawn_blocking({
-                let mut l = std::mem::replace(&mut logs, super::super::logs::ServiceLogs::empty());
-                move || {
-                    let lines = l.poll();
-                    (l, lines)
-                }
+            let Some(mut l) = logs.take() else { return };
+            let batch = tokio::task::spawn_blocking(move || {
+                let lines = if first { l.read_all(tail) } else { l.poll() };
+                (l, lines)
             })
             .await;
-            let Ok((l, lines)) = polled else { return };
-            logs = l;
+            let Ok((l, lines)) = batch else { return };
+            logs = Some(l);
             for line in lines {
                 if tx.send(line.to_ndjson()).await.is_err() {
                     return;
                 }
             }
-            if st.platform.get(&name).is_none() {
+            if !follow || st.platform.get(&name).is_none() {
                 return;
             }
+            first = false;
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     });
     Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
