@@ -605,3 +605,32 @@ fn revisions_list_and_rollback_moves_the_traffic_back() {
     s.restart(&b);
     assert_eq!(s.get("rb", "/env/V").text(), "one");
 }
+
+#[test]
+fn a_crash_loop_is_restarted_with_backoff_and_shows_on_the_service() {
+    let b = Berth::new();
+    let s = Server::start(&b, &[]);
+    deploy(&s, &b, "crashy", &python(&b), &[]);
+    scale(&s, &b, "crashy", &["--min", "1"]);
+    let mut ids = std::collections::HashSet::new();
+    for round in 0..3 {
+        let v = s.wait_service("crashy", Duration::from_secs(20), "a ready instance", |v| states(v) == ["ready"]);
+        ids.insert(v["instances"][0]["id"].as_str().unwrap().to_string());
+        let r = s.get("crashy", "/exit/3");
+        assert_eq!(r.status, 200, "round {round}");
+        s.wait_service("crashy", Duration::from_secs(10), "the crash noticed", |v| {
+            v["crashes"].as_u64() == Some(round + 1)
+        });
+    }
+    let v = s.service("crashy");
+    assert_eq!(v["status"], "crash-loop", "{v:#}");
+    let err = v["last_error"].as_str().unwrap();
+    assert!(
+        err.contains("exited with code 3") && err.contains("3 in a row") && err.contains("last log lines"),
+        "{err}"
+    );
+    assert_eq!(ids.len(), 3, "each crash got a new instance: {ids:?}");
+    // min 1: it is restarted again (after a longer backoff) and serves.
+    s.wait_service("crashy", Duration::from_secs(20), "a restarted instance", |v| states(v) == ["ready"]);
+    assert_eq!(s.get("crashy", "/").status, 200);
+}

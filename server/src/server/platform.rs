@@ -53,6 +53,8 @@ struct Instance {
     started_at: String,
     /// When the container was last checked to be alive (ready instances only).
     checked: Instant,
+    /// When it became ready (a crash after a long healthy run does not count as a loop).
+    ready_at: Option<Instant>,
 }
 
 /// Why a request could not get an instance.
@@ -119,8 +121,11 @@ struct Inner {
     instances: Vec<Instance>,
     waiters: VecDeque<Waiter>,
     last_error: Option<String>,
-    /// After a failed start, min instances are not restarted before this.
+    /// After a failed start or a crash, min instances are not restarted before this.
     retry_after: Option<Instant>,
+    /// Crashes in a row (instances that died soon after becoming ready): the restart backoff
+    /// doubles with each, from 100 ms up to 30 s.
+    crashes: u32,
     deploying: Option<i64>,
     /// The revision a running deploy is starting: its instances are not drained as old ones.
     candidate: Option<i64>,
@@ -188,6 +193,8 @@ pub struct Snapshot {
     pub deploying: Option<i64>,
     pub status: &'static str,
     pub prepared: bool,
+    /// Instances that died in a row soon after becoming ready.
+    pub crashes: u32,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -228,6 +235,7 @@ impl Service {
                 waiters: VecDeque::new(),
                 last_error: None,
                 retry_after: None,
+                crashes: 0,
                 deploying: None,
                 candidate: None,
                 deleted: false,
@@ -373,6 +381,7 @@ impl Service {
             last_active: now,
             started_at: super::db::now(),
             checked: now,
+            ready_at: None,
         });
         slot
     }
@@ -483,6 +492,7 @@ impl Service {
         let now = Instant::now();
         i.last_active = now;
         i.checked = now;
+        i.ready_at = Some(now);
         if deleted || i.state == InstanceState::Stopping {
             i.state = InstanceState::Stopping;
             let c = i.container.clone();
@@ -558,13 +568,21 @@ impl Service {
     /// A ready instance's container is gone (crashed, killed): forget it.
     pub fn on_dead(self: &Arc<Self>, slot: u64, reason: &str) {
         let mut g = self.lock();
-        let before = g.instances.len();
-        g.instances.retain(|i| i.slot != slot || i.state == InstanceState::Stopping);
-        if g.instances.len() != before {
-            tracing::warn!(service = %self.name, reason, "instance died");
-            g.last_error = Some(format!("an instance died: {reason}"));
-            self.dispatch(&mut g);
+        let Some(dead) = g.instances.iter().position(|i| i.slot == slot && i.state != InstanceState::Stopping) else {
+            return;
+        };
+        let i = g.instances.remove(dead);
+        let now = Instant::now();
+        if i.ready_at.is_some_and(|t| now.saturating_duration_since(t) >= HEALTHY_RUN) {
+            g.crashes = 0;
         }
+        g.crashes = g.crashes.saturating_add(1);
+        let backoff = crash_backoff(g.crashes);
+        g.retry_after = Some(now + backoff);
+        tracing::warn!(service = %self.name, reason, crashes = g.crashes, backoff_ms = backoff.as_millis() as u64,
+            "instance died");
+        g.last_error = Some(format!("an instance died ({} in a row): {reason}", g.crashes));
+        self.dispatch(&mut g);
     }
 
     /// The proxy could not talk to the instance behind `lease`: have it checked soon.
@@ -619,6 +637,8 @@ impl Service {
             last_active: now,
             started_at,
             checked: now,
+            // Adopted: it has been running for who knows how long; count it as healthy.
+            ready_at: now.checked_sub(HEALTHY_RUN),
         });
         self.dispatch(&mut g);
     }
@@ -695,6 +715,8 @@ impl Service {
             "starting"
         } else if has(InstanceState::Frozen) || has(InstanceState::Freezing) {
             "frozen"
+        } else if g.crashes >= 3 {
+            "crash-loop"
         } else if g.last_error.is_some() {
             "failed"
         } else {
@@ -716,8 +738,18 @@ impl Service {
             deploying: g.deploying,
             status,
             prepared: self.is_prepared(),
+            crashes: g.crashes,
         }
     }
+}
+
+/// An instance that ran this long before dying ends a crash loop: its death counts as the first.
+const HEALTHY_RUN: Duration = Duration::from_secs(30);
+
+/// How long min instances wait to be restarted after `crashes` crashes in a row.
+fn crash_backoff(crashes: u32) -> Duration {
+    let ms = 100u64.saturating_mul(1 << crashes.saturating_sub(1).min(20));
+    Duration::from_millis(ms.min(30_000))
 }
 
 /// Every service's live state, by name, and how a host name maps to one.
@@ -916,6 +948,34 @@ mod tests {
         svc.on_frozen(slot, true);
         svc.tick(Instant::now() + Duration::from_millis(1500));
         assert!(matches!(actions.try_recv(), Ok(Action::Stop { .. })), "frozen long enough: stop");
+    }
+
+    #[test]
+    fn crashing_min_instances_restart_with_a_doubling_backoff_and_show_a_crash_loop() {
+        let (svc, mut actions) = service(Scaling { min: 1, ..Scaling::default() });
+        let mut waits = Vec::new();
+        for _ in 0..4 {
+            // Find when the next restart comes, in 50 ms steps.
+            let mut slot = None;
+            for step in 0..100u64 {
+                svc.tick(Instant::now() + Duration::from_millis(step * 50));
+                if let Ok(Action::Start { slot: s, .. }) = actions.try_recv() {
+                    waits.push(step * 50);
+                    slot = Some(s);
+                    break;
+                }
+            }
+            let slot = slot.expect("a restart");
+            svc.on_ready(slot, "c", addr());
+            svc.on_dead(slot, "exited with code 1");
+        }
+        assert_eq!(waits[0], 0, "the first start is at once");
+        assert!(waits[1] >= 100 && waits[2] >= 200 && waits[3] >= 400, "doubling backoff: {waits:?}");
+        let snap = svc.snapshot();
+        assert_eq!((snap.status, snap.crashes), ("crash-loop", 4));
+        assert!(snap.last_error.unwrap().contains("exited with code 1"));
+        assert_eq!(crash_backoff(1), Duration::from_millis(100));
+        assert_eq!(crash_backoff(30), Duration::from_secs(30));
     }
 
     #[test]

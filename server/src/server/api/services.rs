@@ -92,6 +92,9 @@ struct View {
     last_deploy: Option<db::Deploy>,
     /// A container of the serving revision is created (not started) for the next cold start.
     prepared: bool,
+    /// Instances that died in a row soon after becoming ready (min instances are restarted with
+    /// a backoff doubling from 100 ms to 30 s; 3 or more: status crash-loop).
+    crashes: u32,
     created_at: String,
     updated_at: String,
 }
@@ -107,6 +110,7 @@ impl View {
             deploying: None,
             status: "not-deployed",
             prepared: false,
+            crashes: 0,
         });
         View {
             url: state.url(&s.name),
@@ -124,6 +128,7 @@ impl View {
             deploying: live.deploying,
             last_deploy,
             prepared: live.prepared,
+            crashes: live.crashes,
             created_at: s.created_at,
             updated_at: s.updated_at,
             name: s.name,
