@@ -123,6 +123,9 @@ struct Inner {
     last_error: Option<String>,
     /// After a failed start or a crash, min instances are not restarted before this.
     retry_after: Option<Instant>,
+    /// When the traffic last moved to another revision: instances of older ones drain for at
+    /// most `request_timeout` from then (no request of theirs can legitimately last longer).
+    switched_at: Option<Instant>,
     /// Crashes in a row (instances that died soon after becoming ready): the restart backoff
     /// doubles with each, from 100 ms up to 30 s.
     crashes: u32,
@@ -236,6 +239,7 @@ impl Service {
                 last_error: None,
                 retry_after: None,
                 crashes: 0,
+                switched_at: None,
                 deploying: None,
                 candidate: None,
                 deleted: false,
@@ -420,6 +424,9 @@ impl Service {
         let sc = g.scaling;
         let cur = g.revision.as_ref().map(|r| r.number);
         let candidate = g.candidate;
+        let drained = g
+            .switched_at
+            .is_some_and(|t| now.saturating_duration_since(t) >= Duration::from_millis(sc.request_timeout_ms));
         let queued = g.waiters.iter().any(|w| !w.is_closed());
         let mut actions = Vec::new();
         let live_current = |g: &Inner| {
@@ -431,7 +438,7 @@ impl Service {
             let busy = i.in_flight > 0;
             match i.state {
                 InstanceState::Ready | InstanceState::Frozen
-                    if Some(i.revision) != cur && Some(i.revision) != candidate && !busy =>
+                    if Some(i.revision) != cur && Some(i.revision) != candidate && (!busy || drained) =>
                 {
                     i.state = InstanceState::Stopping;
                     actions.push(Action::Stop { svc: self.clone(), slot: i.slot, container: i.container.clone() });
@@ -651,6 +658,7 @@ impl Service {
         }
         if g.revision.as_ref().map(|r| r.number) != Some(revision.number) {
             self.act(Action::Discard { service: self.id, name: self.name.clone() });
+            g.switched_at = Some(Instant::now());
         }
         g.revision = Some(Arc::new(revision));
         g.last_error = None;
@@ -1006,6 +1014,21 @@ mod tests {
         drop(old_lease);
         svc.tick(Instant::now());
         let Ok(Action::Stop { container, .. }) = actions.try_recv() else { panic!("drained: stop") };
+        assert_eq!(container.as_deref(), Some("old"));
+    }
+
+    #[test]
+    fn an_old_revision_drains_for_at_most_the_request_timeout() {
+        let (svc, mut actions) = service(Scaling { request_timeout_ms: 1000, ..Scaling::default() });
+        svc.adopt("old", 1, addr(), false, "t".into());
+        let Acquired::Now(_stuck) = svc.acquire() else { panic!() };
+        svc.adopt("new", 2, "10.0.0.3:8080".parse().unwrap(), false, "t".into());
+        svc.switch(rev(2));
+        let _ = actions.try_recv(); // the Discard
+        svc.tick(Instant::now() + Duration::from_millis(500));
+        assert!(actions.try_recv().is_err(), "within the grace the busy old instance stays");
+        svc.tick(Instant::now() + Duration::from_millis(1500));
+        let Ok(Action::Stop { container, .. }) = actions.try_recv() else { panic!("grace over: stop") };
         assert_eq!(container.as_deref(), Some("old"));
     }
 }
