@@ -34,6 +34,8 @@ CREATE TABLE revisions (
     env         TEXT NOT NULL,
     health_path TEXT,
     created_at  TEXT NOT NULL,
+    -- When it first took the traffic; NULL for a revision whose deploy failed.
+    served_at   TEXT,
     UNIQUE (service_id, number)
 );
 
@@ -42,6 +44,8 @@ CREATE TABLE deploys (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     service_id  INTEGER NOT NULL REFERENCES services(id) ON DELETE CASCADE,
     revision    INTEGER,
+    -- 'deploy' (a new image) or 'rollback' (an earlier revision again).
+    kind        TEXT NOT NULL DEFAULT 'deploy',
     image       TEXT NOT NULL,
     status      TEXT NOT NULL,
     error       TEXT,

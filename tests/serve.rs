@@ -191,6 +191,9 @@ fn a_thousand_concurrent_requests_at_zero_start_exactly_one_instance() {
     scale(&s, &b, "burst", &["--max", "1", "--queue", "2000", "--freeze-after", "200ms", "--stop-after", "200ms"]);
     // busybox httpd ignores SIGTERM as PID 1: it stops at the grace period's end (10 s).
     s.wait_service("burst", Duration::from_secs(25), "zero instances", |v| states(v).is_empty());
+    // Long idle timers for the burst itself: 1000 threads take a while to spawn, and a gap of
+    // 200 ms would rightly freeze and stop the instance in the middle of it.
+    scale(&s, &b, "burst", &["--freeze-after", "30s", "--stop-after", "60s"]);
     let before = instance_count_started(&s);
     let port = s.http;
     let threads: Vec<_> = (0..1000)
@@ -210,7 +213,9 @@ fn a_thousand_concurrent_requests_at_zero_start_exactly_one_instance() {
         *statuses.entry(st).or_insert(0) += 1;
     }
     assert_eq!(statuses, [("200".to_string(), 1000)].into(), "all answered 200");
-    assert_eq!(instance_count_started(&s) - before, 1, "exactly one instance started");
+    let log = s.log_text();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("instance") || l.contains("prepar")).collect();
+    assert_eq!(instance_count_started(&s) - before, 1, "exactly one instance started; log:\n{}", lines.join("\n"));
 }
 
 #[test]
@@ -565,12 +570,17 @@ fn revisions_list_and_rollback_moves_the_traffic_back() {
     let b = Berth::new();
     let s = Server::start(&b, &[]);
     deploy(&s, &b, "rb", &python(&b), &["--env", "V=one"]);
+    // Revision 2 never serves: its deploy fails.
+    let out = s.cli(&b, &["deploy", "rb", "--image", &python(&b), "--env", "BIND=no.such.host.invalid", "--wait"]);
+    assert_eq!(out.status.code(), Some(1));
     deploy(&s, &b, "rb", &python(&b), &["--env", "V=two"]);
     assert_eq!(s.get("rb", "/env/V").text(), "two");
     let list = s.cli_ok(&b, &["revisions", "rb"]);
     let serving: Vec<&str> = list.lines().filter(|l| l.starts_with('*')).collect();
     assert_eq!(serving.len(), 1, "{list}");
-    assert!(serving[0].split_whitespace().nth(1) == Some("2"), "{list}");
+    assert!(serving[0].split_whitespace().nth(1) == Some("3"), "{list}");
+    let two = list.lines().find(|l| l.split_whitespace().next() == Some("2")).unwrap_or("");
+    assert!(two.contains("never"), "revision 2 never served: {list}");
     // The old revision's instance drained and stopped after the switch.
     assert!(
         Berth::wait_until(Duration::from_secs(15), || containers_of(&b, "rb").len() == 1),
@@ -578,19 +588,21 @@ fn revisions_list_and_rollback_moves_the_traffic_back() {
         containers_of(&b, "rb")
     );
 
-    let out = s.cli_ok(&b, &["rollback", "rb"]);
+    // The default target is the newest older revision that served: 1, not the failed 2.
+    let out = s.cli_ok(&b, &["rollback", "rb", "--timeout", "30s"]);
     assert!(out.contains("revision 1 is serving"), "{out}");
     assert_eq!(s.get("rb", "/env/V").text(), "one", "revision 1's env");
     let v = s.service("rb");
     assert_eq!(v["revision"], 1);
     assert_eq!(v["env"]["V"], "two", "a rollback keeps the stored settings for the next deploy");
-    assert_eq!(v["last_deploy"]["image"], "rollback to revision 1");
+    assert_eq!((v["last_deploy"]["kind"].as_str(), v["last_deploy"]["revision"].as_i64()), (Some("rollback"), Some(1)));
+    assert_eq!(v["last_deploy"]["image"], python(&b).as_str());
 
-    s.cli_ok(&b, &["rollback", "rb", "2"]);
+    s.cli_ok(&b, &["rollback", "rb", "3"]);
     assert_eq!(s.get("rb", "/env/V").text(), "two");
     for (args, want) in [
         (&["rollback", "rb", "9"][..], "has no revision 9"),
-        (&["rollback", "rb", "2"][..], "already serving"),
+        (&["rollback", "rb", "3"][..], "already serving"),
         (&["rollback", "nope"][..], "no service named"),
     ] {
         let out = s.cli(&b, args);
@@ -598,6 +610,9 @@ fn revisions_list_and_rollback_moves_the_traffic_back() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(want), "{args:?}: {err}");
     }
+    // A refused rollback leaves no deploy record.
+    let deploys = s.call("GET", "/api/v1/services/rb/deploys", None).json()["deploys"].as_array().unwrap().len();
+    assert_eq!(deploys, 5, "3 deploys and 2 rollbacks");
     // After a restart the rolled-to revision is still the one serving.
     s.cli_ok(&b, &["rollback", "rb", "1"]);
     let mut s = s;

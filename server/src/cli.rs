@@ -122,7 +122,13 @@ pub fn main() -> i32 {
         // libseccomp doesn't know (skipped, harmless) must not print there.
         // The quiet directives hold whatever BERTH_LOG says (a server's BERTH_LOG reaches its
         // shims).
-        let quiet = if *cleanup { "libcontainer=error,libcgroups=error" } else { "libcontainer::seccomp=error" };
+        // libcontainer logs from the container's init too, whose stderr is the app's: below warn
+        // its lines would land in the app's log.
+        let quiet = if *cleanup {
+            "libcontainer=error,libcgroups=error"
+        } else {
+            "libcontainer=warn,libcgroups=warn,libcontainer::seccomp=error"
+        };
         let filter = match std::env::var("BERTH_LOG") {
             Ok(f) if !f.trim().is_empty() => format!("{f},{quiet}"),
             _ => format!("warn,{quiet}"),

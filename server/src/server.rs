@@ -115,6 +115,10 @@ async fn serve(data_dir: &Path, cfg: berth_agent::Config, settings: Settings) ->
     let bridge = cfg.network.bridge.clone();
     let engine = Arc::new(crate::cli::open_engine_at(data_dir, cfg)?);
     let db = db::open(data_dir).await?;
+    let unfinished = db::fail_unfinished_deploys(&db).await?;
+    if unfinished > 0 {
+        tracing::warn!(deploys = unfinished, "deploys the previous server left unfinished are marked failed");
+    }
     let admin = token::load_or_create(data_dir)?;
     db::ensure_token(&db, token::ADMIN, &token::hash(&admin), token::ADMIN).await?;
 
@@ -137,6 +141,7 @@ async fn serve(data_dir: &Path, cfg: berth_agent::Config, settings: Settings) ->
         prepared: Default::default(),
         max_prepared: settings.prepared,
     };
+    let on_stop = executor.clone();
     tokio::spawn(executor.run(actions_rx));
     tokio::spawn(ticker(platform.clone()));
     let firewall = Firewall::install(&bridge, api_port);
@@ -175,6 +180,9 @@ async fn serve(data_dir: &Path, cfg: berth_agent::Config, settings: Settings) ->
     let _ = proxy_task.await;
     // In-flight API calls (a deploy waiting) get a moment; instances keep running.
     let _ = tokio::time::timeout(Duration::from_secs(5), api_task).await;
+    // Prepared containers are not instances: remove them rather than leave them to be found
+    // abandoned by the next server.
+    on_stop.discard_all().await;
     drop(firewall);
     db.close().await;
     tracing::info!("berth server stopped");

@@ -258,18 +258,24 @@ async fn follow_deploy(c: &Client, conn: &Conn, name: &str, path: &str, body: &V
 #[derive(Debug, clap::Args)]
 pub struct RollbackArgs {
     pub name: String,
-    /// The revision to put back in service (default: the one before the serving one).
+    /// The revision to put back in service (default: the newest older one that ever served).
     pub revision: Option<i64>,
+    /// How long its instance gets to become ready, like 30s (default 2m).
+    #[arg(long, value_name = "DUR")]
+    pub timeout: Option<String>,
 }
 
 /// `berth rollback NAME [REVISION]`: waits until the revision serves (or says why not).
 pub fn rollback(conn: &Conn, data_dir: &Path, a: &RollbackArgs) -> Result<i32> {
     service_name(&a.name)?;
     let c = Client::new(conn, data_dir)?;
-    let body = match a.revision {
-        Some(n) => serde_json::json!({ "revision": n }),
-        None => serde_json::json!({}),
-    };
+    let mut body = serde_json::json!({});
+    if let Some(n) = a.revision {
+        body["revision"] = n.into();
+    }
+    if let Some(t) = &a.timeout {
+        body["timeout"] = t.clone().into();
+    }
     let path = format!("/services/{}/rollback", a.name);
     crate::cli::runtime().block_on(follow_deploy(&c, conn, &a.name, &path, &body))
 }
@@ -285,15 +291,16 @@ pub fn revisions(conn: &Conn, data_dir: &Path, name: &str) -> Result<i32> {
         return Ok(0);
     }
     let mut out = std::io::stdout().lock();
-    writeln!(out, "  {:>8} {:<21} {:<20} {:>5}  IMAGE", "REVISION", "CREATED", "IMAGE ID", "PORT")?;
+    writeln!(out, "  {:>8} {:<21} {:<6} {:<20} {:>5}  IMAGE", "REVISION", "CREATED", "SERVED", "IMAGE ID", "PORT")?;
     for r in v["revisions"].as_array().into_iter().flatten() {
         let id = r["image_id"].as_str().unwrap_or("");
         writeln!(
             out,
-            "{} {:>8} {:<21} {:<20} {:>5}  {}",
+            "{} {:>8} {:<21} {:<6} {:<20} {:>5}  {}",
             if r["serving"] == true { "*" } else { " " },
             r["number"],
             r["created_at"].as_str().unwrap_or(""),
+            if r["served_at"].is_null() { "never" } else { "yes" },
             id.get(..19).unwrap_or(id),
             r["port"],
             r["image"].as_str().unwrap_or("")
@@ -344,8 +351,8 @@ pub fn logs(conn: &Conn, data_dir: &Path, a: &LogsArgs) -> Result<i32> {
             buf.extend_from_slice(&chunk.context("reading the logs")?);
             while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
                 let line: Vec<u8> = buf.drain(..=nl).collect();
-                if conn.json {
-                    out.write_all(&line)?;
+                let written = if conn.json {
+                    out.write_all(&line).and_then(|_| out.flush())
                 } else {
                     let v: Value = serde_json::from_slice(&line).context("a log line is not JSON")?;
                     writeln!(
@@ -354,9 +361,14 @@ pub fn logs(conn: &Conn, data_dir: &Path, a: &LogsArgs) -> Result<i32> {
                         v["time"].as_str().unwrap_or(""),
                         v["instance"].as_str().unwrap_or(""),
                         v["line"].as_str().unwrap_or("")
-                    )?;
+                    )
+                    .and_then(|_| out.flush())
+                };
+                match written {
+                    // The reader went away (`berth logs NAME | head`): that is the end, not an error.
+                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(0),
+                    other => other?,
                 }
-                out.flush()?;
             }
         }
         Ok(0)

@@ -214,6 +214,7 @@ pub struct Revision {
     pub env: BTreeMap<String, String>,
     pub health_path: Option<String>,
     pub created_at: String,
+    pub served_at: Option<String>,
 }
 
 fn revision_from_row(row: &SqliteRow) -> anyhow::Result<Revision> {
@@ -227,13 +228,14 @@ fn revision_from_row(row: &SqliteRow) -> anyhow::Result<Revision> {
         env: env_from("revision", &env)?,
         health_path: row.try_get("health_path")?,
         created_at: row.try_get("created_at")?,
+        served_at: row.try_get("served_at")?,
     })
 }
 
 /// A service's revisions, newest first.
 pub async fn list_revisions(pool: &SqlitePool, service_id: i64) -> anyhow::Result<Vec<Revision>> {
     let rows = sqlx::query(
-        "SELECT number, image, image_id, port, env, health_path, created_at FROM revisions \
+        "SELECT number, image, image_id, port, env, health_path, created_at, served_at FROM revisions \
          WHERE service_id = ? ORDER BY number DESC",
     )
     .bind(service_id)
@@ -245,7 +247,7 @@ pub async fn list_revisions(pool: &SqlitePool, service_id: i64) -> anyhow::Resul
 
 pub async fn get_revision(pool: &SqlitePool, service_id: i64, number: i64) -> anyhow::Result<Option<Revision>> {
     let row = sqlx::query(
-        "SELECT number, image, image_id, port, env, health_path, created_at FROM revisions \
+        "SELECT number, image, image_id, port, env, health_path, created_at, served_at FROM revisions \
          WHERE service_id = ? AND number = ?",
     )
     .bind(service_id)
@@ -291,6 +293,7 @@ pub async fn insert_revision(
         env: env.clone(),
         health_path: health_path.map(str::to_string),
         created_at,
+        served_at: None,
     })
 }
 
@@ -302,6 +305,33 @@ pub async fn set_current_revision(pool: &SqlitePool, service_id: i64, number: i6
         .execute(pool)
         .await
         .context("switching the revision")?;
+    sqlx::query("UPDATE revisions SET served_at = COALESCE(served_at, ?) WHERE service_id = ? AND number = ?")
+        .bind(now())
+        .bind(service_id)
+        .bind(number)
+        .execute(pool)
+        .await
+        .context("recording that a revision served")?;
+    Ok(())
+}
+
+/// Deploys a stopped server left unfinished are marked failed (their instances, if any, are
+/// not serving and drain).
+pub async fn fail_unfinished_deploys(pool: &SqlitePool) -> anyhow::Result<u64> {
+    let r = sqlx::query(
+        "UPDATE deploys SET status = 'failed', error = 'the server stopped during the deploy', finished_at = ? \
+         WHERE finished_at IS NULL",
+    )
+    .bind(now())
+    .execute(pool)
+    .await
+    .context("closing unfinished deploys")?;
+    Ok(r.rows_affected())
+}
+
+/// Forgets a deploy that was refused before it began.
+pub async fn delete_deploy(pool: &SqlitePool, id: i64) -> anyhow::Result<()> {
+    sqlx::query("DELETE FROM deploys WHERE id = ?").bind(id).execute(pool).await.context("forgetting a deploy")?;
     Ok(())
 }
 
@@ -318,13 +348,25 @@ pub struct Deploy {
     pub finished_at: Option<String>,
     /// The name of the token that asked for it.
     pub by: String,
+    /// `deploy` or `rollback`.
+    pub kind: String,
 }
 
-pub async fn insert_deploy(pool: &SqlitePool, service_id: i64, image: &str, token: &str) -> anyhow::Result<i64> {
+pub async fn insert_deploy(
+    pool: &SqlitePool,
+    service_id: i64,
+    kind: &str,
+    revision: Option<i64>,
+    image: &str,
+    token: &str,
+) -> anyhow::Result<i64> {
     let r = sqlx::query(
-        "INSERT INTO deploys (service_id, image, status, token, created_at) VALUES (?, ?, 'pending', ?, ?)",
+        "INSERT INTO deploys (service_id, kind, revision, image, status, token, created_at) \
+         VALUES (?, ?, ?, ?, 'pending', ?, ?)",
     )
     .bind(service_id)
+    .bind(kind)
+    .bind(revision)
     .bind(image)
     .bind(token)
     .bind(now())
@@ -359,7 +401,7 @@ pub async fn update_deploy(
 }
 
 const DEPLOY_COLUMNS: &str =
-    "d.id, s.name, d.revision, d.image, d.status, d.error, d.created_at, d.finished_at, d.token";
+    "d.id, s.name, d.revision, d.image, d.status, d.error, d.created_at, d.finished_at, d.token, d.kind";
 
 fn deploy_from_row(r: &SqliteRow) -> anyhow::Result<Deploy> {
     Ok(Deploy {
@@ -372,6 +414,7 @@ fn deploy_from_row(r: &SqliteRow) -> anyhow::Result<Deploy> {
         created_at: r.try_get(6)?,
         finished_at: r.try_get(7)?,
         by: r.try_get(8)?,
+        kind: r.try_get(9)?,
     })
 }
 

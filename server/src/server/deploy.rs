@@ -104,6 +104,7 @@ pub async fn run(
             created_at: db::now(),
             finished_at: Some(db::now()),
             by: String::new(),
+            kind: String::new(),
         },
     };
     let _ = events.send(Event::Done { deploy: deploy.clone() });

@@ -188,6 +188,14 @@ impl Executor {
         .await;
     }
 
+    /// Removes every prepared container (the server is stopping).
+    pub async fn discard_all(&self) {
+        let all: Vec<PreparedEntry> = self.prepared.lock().unwrap_or_else(|e| e.into_inner()).drain(..).collect();
+        for e in all {
+            self.discard(e).await;
+        }
+    }
+
     fn take_prepared(&self, service: i64, revision: i64) -> Option<berth_agent::engine::Prepared> {
         let mut list = self.prepared.lock().unwrap_or_else(|e| e.into_inner());
         let i = list.iter().position(|e| e.svc.id == service && e.revision == revision)?;

@@ -349,6 +349,20 @@ struct DeployQuery {
     wait: Option<String>,
 }
 
+/// A deploy's `timeout` field: 1s to 1h, by default deploy::READY_TIMEOUT.
+fn parse_timeout(t: &Option<String>) -> Result<Duration, Error> {
+    match t {
+        Some(t) => {
+            let ms = scaling::parse_duration(t).map_err(|e| Error::BadRequest(format!("timeout: {e}")))?;
+            if !(1000..=3_600_000).contains(&ms) {
+                return Err(Error::BadRequest(format!("timeout: {t:?} must be from 1s to 1h")));
+            }
+            Ok(Duration::from_millis(ms))
+        }
+        None => Ok(crate::server::deploy::READY_TIMEOUT),
+    }
+}
+
 /// A boolean query parameter: absent or `0|false|no` is false, `""|1|true|yes` true.
 fn flag(name: &str, v: &Option<String>) -> Result<bool, Error> {
     match v.as_deref() {
@@ -373,13 +387,17 @@ async fn start_deploy(
         .platform
         .get(&service.name)
         .ok_or_else(|| Error::NotFound(format!("no service named {:?}", service.name)))?;
-    let what = match &source {
-        crate::server::deploy::Source::Image(r) => r.to_string(),
-        crate::server::deploy::Source::Revision(n) => format!("rollback to revision {n}"),
+    let (kind, revision, image) = match &source {
+        crate::server::deploy::Source::Image(r) => ("deploy", None, r.to_string()),
+        crate::server::deploy::Source::Revision(n) => {
+            let image = db::get_revision(&state.db, service.id, *n).await?.map(|r| r.image).unwrap_or_default();
+            ("rollback", Some(*n), image)
+        }
     };
-    let id = db::insert_deploy(&state.db, service.id, &what, caller).await?;
+    let id = db::insert_deploy(&state.db, service.id, kind, revision, &image, caller).await?;
     if let Err(other) = live.begin_deploy(id) {
-        db::update_deploy(&state.db, id, "failed", None, Some("another deploy was running"), true).await?;
+        // Refused: it never began, so it leaves no record.
+        db::delete_deploy(&state.db, id).await?;
         return Err(Error::Conflict(format!(
             "deploy {other} of service {} is still running; wait for it to finish",
             service.name
@@ -405,16 +423,7 @@ async fn deploy(
     let req: DeployRequest = body(&bytes)?;
     let image = parse_image(&req.image)?;
     let wait = flag("wait", &q.wait)?;
-    let timeout = match &req.timeout {
-        Some(t) => {
-            let ms = scaling::parse_duration(t).map_err(|e| Error::BadRequest(format!("timeout: {e}")))?;
-            if !(1000..=3_600_000).contains(&ms) {
-                return Err(Error::BadRequest(format!("timeout: {t:?} must be from 1s to 1h")));
-            }
-            Duration::from_millis(ms)
-        }
-        None => crate::server::deploy::READY_TIMEOUT,
-    };
+    let timeout = parse_timeout(&req.timeout)?;
     check_name(&name).map_err(Error::BadRequest)?;
     // The deploy's settings are stored only if it succeeds (deploy::run does): a refused or
     // failed deploy changes nothing. A new service is created with them.
@@ -480,9 +489,12 @@ async fn respond(
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Rollback {
-    /// Default: the newest revision older than the serving one.
+    /// Default: the newest revision older than the serving one that once served.
     #[serde(default)]
     revision: Option<i64>,
+    /// How long its instance gets to become ready ("2m" by default).
+    #[serde(default)]
+    timeout: Option<String>,
 }
 
 /// `POST /services/{name}/rollback`: puts an earlier revision back in service, the way a
@@ -507,16 +519,19 @@ async fn rollback(
         Some(n) => return Err(Error::NotFound(format!("service {name:?} has no revision {n}"))),
         None => revisions
             .iter()
+            .filter(|r| r.number < current && r.served_at.is_some())
             .map(|r| r.number)
-            .filter(|&n| n < current)
             .max()
-            .ok_or_else(|| Error::Conflict(format!("service {name:?} has no revision older than {current}")))?,
+            .ok_or_else(|| {
+                Error::Conflict(format!("service {name:?} has no revision older than {current} that ever served"))
+            })?,
     };
+    let timeout = parse_timeout(&req.timeout)?;
     if target == current {
         return Err(Error::Conflict(format!("revision {target} of {name:?} is already serving")));
     }
     let source = crate::server::deploy::Source::Revision(target);
-    let started = start_deploy(&state, service, source, &caller.0, crate::server::deploy::READY_TIMEOUT).await?;
+    let started = start_deploy(&state, service, source, &caller.0, timeout).await?;
     respond(&state, &name, started, &headers, wait).await
 }
 
@@ -530,7 +545,7 @@ async fn revisions(State(state): State<AppState>, Path(name): Path<String>) -> R
             serde_json::json!({
                 "number": r.number, "image": r.image, "image_id": r.image_id, "port": r.port,
                 "env": r.env, "health_path": r.health_path, "created_at": r.created_at,
-                "serving": Some(r.number) == service.revision,
+                "served_at": r.served_at, "serving": Some(r.number) == service.revision,
             })
         })
         .collect();
