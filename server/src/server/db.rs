@@ -105,11 +105,25 @@ pub enum InsertError {
     Other(anyhow::Error),
 }
 
+type Query<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
+
+/// Binds a service's scaling columns, in the order `min, max, concurrency, freeze_after_ms,
+/// stop_after_ms, request_timeout_ms, queue`.
+fn bind_scaling<'q>(q: Query<'q>, sc: &Scaling) -> Query<'q> {
+    q.bind(i64::from(sc.min))
+        .bind(i64::from(sc.max))
+        .bind(i64::from(sc.concurrency))
+        .bind(sc.freeze_after_ms as i64)
+        .bind(sc.stop_after_ms as i64)
+        .bind(sc.request_timeout_ms as i64)
+        .bind(i64::from(sc.queue))
+}
+
 /// Inserts a new service; returns its id.
 pub async fn insert_service(pool: &SqlitePool, s: &Service) -> Result<i64, InsertError> {
     let env = serde_json::to_string(&s.env).map_err(|e| InsertError::Other(e.into()))?;
     let sc = &s.scaling;
-    let result = sqlx::query(
+    let q = sqlx::query(
         "INSERT INTO services (name, port, env, health_path, min, max, concurrency, freeze_after_ms, \
          stop_after_ms, request_timeout_ms, queue, revision, created_at, updated_at) \
          VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?)",
@@ -117,18 +131,8 @@ pub async fn insert_service(pool: &SqlitePool, s: &Service) -> Result<i64, Inser
     .bind(&s.name)
     .bind(s.port.map(i64::from))
     .bind(env)
-    .bind(&s.health_path)
-    .bind(i64::from(sc.min))
-    .bind(i64::from(sc.max))
-    .bind(i64::from(sc.concurrency))
-    .bind(sc.freeze_after_ms as i64)
-    .bind(sc.stop_after_ms as i64)
-    .bind(sc.request_timeout_ms as i64)
-    .bind(i64::from(sc.queue))
-    .bind(&s.created_at)
-    .bind(&s.updated_at)
-    .execute(pool)
-    .await;
+    .bind(&s.health_path);
+    let result = bind_scaling(q, sc).bind(&s.created_at).bind(&s.updated_at).execute(pool).await;
     match result {
         Ok(r) => Ok(r.last_insert_rowid()),
         Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(InsertError::Duplicate),
@@ -175,22 +179,16 @@ pub async fn set_service_config(
 
 /// Sets a service's scaling; false if there is no such service.
 pub async fn set_scaling(pool: &SqlitePool, name: &str, sc: &Scaling) -> anyhow::Result<bool> {
-    let done = sqlx::query(
+    let q = sqlx::query(
         "UPDATE services SET min = ?, max = ?, concurrency = ?, freeze_after_ms = ?, stop_after_ms = ?, \
          request_timeout_ms = ?, queue = ?, updated_at = ? WHERE name = ?",
-    )
-    .bind(i64::from(sc.min))
-    .bind(i64::from(sc.max))
-    .bind(i64::from(sc.concurrency))
-    .bind(sc.freeze_after_ms as i64)
-    .bind(sc.stop_after_ms as i64)
-    .bind(sc.request_timeout_ms as i64)
-    .bind(i64::from(sc.queue))
-    .bind(now())
-    .bind(name)
-    .execute(pool)
-    .await
-    .with_context(|| format!("updating the scaling of service {name}"))?;
+    );
+    let done = bind_scaling(q, sc)
+        .bind(now())
+        .bind(name)
+        .execute(pool)
+        .await
+        .with_context(|| format!("updating the scaling of service {name}"))?;
     Ok(done.rows_affected() == 1)
 }
 
@@ -217,6 +215,8 @@ pub struct Revision {
     pub served_at: Option<String>,
 }
 
+const REVISION_COLUMNS: &str = "number, image, image_id, port, env, health_path, created_at, served_at";
+
 fn revision_from_row(row: &SqliteRow) -> anyhow::Result<Revision> {
     let env: String = row.try_get("env")?;
     let port: i64 = row.try_get("port")?;
@@ -234,27 +234,22 @@ fn revision_from_row(row: &SqliteRow) -> anyhow::Result<Revision> {
 
 /// A service's revisions, newest first.
 pub async fn list_revisions(pool: &SqlitePool, service_id: i64) -> anyhow::Result<Vec<Revision>> {
-    let rows = sqlx::query(
-        "SELECT number, image, image_id, port, env, health_path, created_at, served_at FROM revisions \
-         WHERE service_id = ? ORDER BY number DESC",
-    )
-    .bind(service_id)
-    .fetch_all(pool)
-    .await
-    .context("listing revisions")?;
+    let rows =
+        sqlx::query(&format!("SELECT {REVISION_COLUMNS} FROM revisions WHERE service_id = ? ORDER BY number DESC"))
+            .bind(service_id)
+            .fetch_all(pool)
+            .await
+            .context("listing revisions")?;
     rows.iter().map(revision_from_row).collect()
 }
 
 pub async fn get_revision(pool: &SqlitePool, service_id: i64, number: i64) -> anyhow::Result<Option<Revision>> {
-    let row = sqlx::query(
-        "SELECT number, image, image_id, port, env, health_path, created_at, served_at FROM revisions \
-         WHERE service_id = ? AND number = ?",
-    )
-    .bind(service_id)
-    .bind(number)
-    .fetch_optional(pool)
-    .await
-    .context("reading a revision")?;
+    let row = sqlx::query(&format!("SELECT {REVISION_COLUMNS} FROM revisions WHERE service_id = ? AND number = ?"))
+        .bind(service_id)
+        .bind(number)
+        .fetch_optional(pool)
+        .await
+        .context("reading a revision")?;
     row.as_ref().map(revision_from_row).transpose()
 }
 
