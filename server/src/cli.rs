@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 mod client;
 mod container;
 mod image;
+mod ops;
 mod run;
 
 use crate::config::EXIT_USAGE;
@@ -73,6 +74,27 @@ pub enum Command {
     Rollback {
         #[command(flatten)]
         args: client::RollbackArgs,
+        #[command(flatten)]
+        conn: client::Conn,
+    },
+    /// Show or set how a service's traffic is split between revisions: `berth traffic web 1=90 2=10`.
+    Traffic {
+        #[command(flatten)]
+        args: ops::TrafficArgs,
+        #[command(flatten)]
+        conn: client::Conn,
+    },
+    /// Tag a revision: it answers alone at <tag>--<name>.<domain>.
+    Tag {
+        #[command(flatten)]
+        args: ops::TagArgs,
+        #[command(flatten)]
+        conn: client::Conn,
+    },
+    /// Remove a tag.
+    Untag {
+        name: String,
+        tag: String,
         #[command(flatten)]
         conn: client::Conn,
     },
@@ -156,6 +178,9 @@ pub fn main() -> i32 {
         Command::Rm { name, conn } => Some(client::rm(conn, &cli.data_dir, name)),
         Command::Revisions { name, conn } => Some(client::revisions(conn, &cli.data_dir, name)),
         Command::Rollback { args, conn } => Some(client::rollback(conn, &cli.data_dir, args)),
+        Command::Traffic { args, conn } => Some(ops::traffic(conn, &cli.data_dir, args)),
+        Command::Tag { args, conn } => Some(ops::tag(conn, &cli.data_dir, args)),
+        Command::Untag { name, tag, conn } => Some(ops::untag(conn, &cli.data_dir, name, tag)),
         _ => None,
     };
     if let Some(r) = client_result {
@@ -195,7 +220,10 @@ pub fn main() -> i32 {
         | Command::Scale { .. }
         | Command::Rm { .. }
         | Command::Revisions { .. }
-        | Command::Rollback { .. } => unreachable!("handled above"),
+        | Command::Rollback { .. }
+        | Command::Traffic { .. }
+        | Command::Tag { .. }
+        | Command::Untag { .. } => unreachable!("handled above"),
     };
     match result {
         Ok(code) => code,

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 pub mod api;
+pub mod autoscale;
 pub mod db;
 pub mod deploy;
 pub mod instance;
@@ -207,6 +208,25 @@ async fn load_services(state: &api::AppState) -> anyhow::Result<usize> {
             rev.as_ref().map(to_live_revision),
             state.actions.clone(),
         );
+        if let Some(traffic) = &s.traffic {
+            let mut split = Vec::new();
+            for t in traffic {
+                match db::get_revision(&state.db, s.id, t.revision).await? {
+                    Some(r) => split.push((to_live_revision(&r), t.percent)),
+                    None => anyhow::bail!(
+                        "service {}: its traffic names revision {}, which does not exist",
+                        s.name,
+                        t.revision
+                    ),
+                }
+            }
+            live.set_traffic(split);
+        }
+        for (tag, &n) in &s.tags {
+            if let Some(r) = db::get_revision(&state.db, s.id, n).await? {
+                live.set_tag(tag, Some(to_live_revision(&r)));
+            }
+        }
         state.platform.insert(live);
         revisions.insert(s.name.clone(), s.id);
     }

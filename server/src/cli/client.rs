@@ -85,9 +85,15 @@ pub struct ScaleArgs {
     /// Requests held while no instance can take them.
     #[arg(long, value_name = "N")]
     pub queue: Option<u32>,
+    /// The concurrency per instance the autoscaler aims at (0: 70% of --concurrency).
+    #[arg(long, value_name = "N")]
+    pub target: Option<u32>,
+    /// The autoscaler's stable window, like 60s (its panic window is a tenth of it).
+    #[arg(long, value_name = "DUR")]
+    pub stable_window: Option<String>,
 }
 
-struct Client {
+pub(super) struct Client {
     http: reqwest::Client,
     base: String,
     token: String,
@@ -102,13 +108,13 @@ struct ClientFile {
 
 /// A service name as the CLI takes it: checked here, so a typo like `a/b` is not sent as a
 /// path.
-fn service_name(name: &str) -> Result<&str> {
+pub(super) fn service_name(name: &str) -> Result<&str> {
     crate::server::api::check_name(name).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(name)
 }
 
 impl Client {
-    fn new(conn: &Conn, data_dir: &Path) -> Result<Client> {
+    pub(super) fn new(conn: &Conn, data_dir: &Path) -> Result<Client> {
         let file = client_file()?;
         // The running server on this data directory writes its API URL there.
         let local =
@@ -139,12 +145,12 @@ impl Client {
         Ok(Client { http, base, token })
     }
 
-    fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+    pub(super) fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         self.http.request(method, format!("{}/api/v1{path}", self.base)).bearer_auth(&self.token)
     }
 
     /// Sends, and turns a non-2xx answer into the API's error message.
-    async fn send(&self, rb: reqwest::RequestBuilder) -> Result<reqwest::Response> {
+    pub(super) async fn send(&self, rb: reqwest::RequestBuilder) -> Result<reqwest::Response> {
         let resp = rb.send().await.with_context(|| format!("connecting to the Berth API at {}", self.base))?;
         if resp.status().is_success() {
             return Ok(resp);
@@ -158,7 +164,7 @@ impl Client {
         bail!("{msg} (HTTP {})", status.as_u16())
     }
 
-    async fn json(&self, rb: reqwest::RequestBuilder) -> Result<Value> {
+    pub(super) async fn json(&self, rb: reqwest::RequestBuilder) -> Result<Value> {
         let resp = self.send(rb).await?;
         let bytes = resp.bytes().await.context("reading the API's answer")?;
         if bytes.is_empty() {
@@ -291,18 +297,26 @@ pub fn revisions(conn: &Conn, data_dir: &Path, name: &str) -> Result<i32> {
         return Ok(0);
     }
     let mut out = std::io::stdout().lock();
-    writeln!(out, "  {:>8} {:<21} {:<6} {:<20} {:>5}  IMAGE", "REVISION", "CREATED", "SERVED", "IMAGE ID", "PORT")?;
+    writeln!(
+        out,
+        "  {:>8} {:>7} {:<21} {:<6} {:<20} {:>5}  {:<16} IMAGE",
+        "REVISION", "TRAFFIC", "CREATED", "SERVED", "IMAGE ID", "PORT", "TAGS"
+    )?;
     for r in v["revisions"].as_array().into_iter().flatten() {
         let id = r["image_id"].as_str().unwrap_or("");
+        let tags: Vec<&str> = r["tags"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+        let tags = if tags.is_empty() { "-".to_string() } else { tags.join(",") };
         writeln!(
             out,
-            "{} {:>8} {:<21} {:<6} {:<20} {:>5}  {}",
+            "{} {:>8} {:>6}% {:<21} {:<6} {:<20} {:>5}  {:<16} {}",
             if r["serving"] == true { "*" } else { " " },
             r["number"],
+            r["percent"],
             r["created_at"].as_str().unwrap_or(""),
             if r["served_at"].is_null() { "never" } else { "yes" },
             id.get(..19).unwrap_or(id),
             r["port"],
+            tags,
             r["image"].as_str().unwrap_or("")
         )?;
     }
@@ -391,6 +405,8 @@ pub fn scale(conn: &Conn, data_dir: &Path, a: &ScaleArgs) -> Result<i32> {
     put("stop_after", a.stop_after.clone().map(Value::from));
     put("request_timeout", a.request_timeout.clone().map(Value::from));
     put("queue", a.queue.map(Value::from));
+    put("target", a.target.map(Value::from));
+    put("stable_window", a.stable_window.clone().map(Value::from));
     let v = crate::cli::runtime().block_on(
         c.json(c.req(reqwest::Method::PATCH, &format!("/services/{}/scaling", a.name)).json(&Value::Object(body))),
     )?;
@@ -399,11 +415,13 @@ pub fn scale(conn: &Conn, data_dir: &Path, a: &ScaleArgs) -> Result<i32> {
     } else {
         let s = &v["scaling"];
         println!(
-            "{}: min {} max {} concurrency {} freeze-after {} stop-after {} request-timeout {} queue {}",
+            "{}: min {} max {} concurrency {} target {} stable-window {} freeze-after {} stop-after {} request-timeout {} queue {}",
             a.name,
             s["min"],
             s["max"],
             s["concurrency"],
+            s["target"],
+            s["stable_window"].as_str().unwrap_or(""),
             s["freeze_after"].as_str().unwrap_or(""),
             s["stop_after"].as_str().unwrap_or(""),
             s["request_timeout"].as_str().unwrap_or(""),

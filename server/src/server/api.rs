@@ -10,6 +10,7 @@ use axum::{Json, Router};
 use sqlx::SqlitePool;
 
 mod services;
+mod traffic;
 
 pub use services::check_name;
 

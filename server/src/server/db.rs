@@ -8,6 +8,7 @@ use anyhow::Context;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow};
 use sqlx::Row;
 
+use super::platform::TrafficView;
 use super::scaling::Scaling;
 
 /// The database file under the data directory.
@@ -42,14 +43,19 @@ pub struct Service {
     pub env: BTreeMap<String, String>,
     pub health_path: Option<String>,
     pub scaling: Scaling,
-    /// The revision taking the traffic.
+    /// The revision the last deploy or rollback put in service.
     pub revision: Option<i64>,
+    /// How the untagged traffic is split; None: all to `revision`.
+    pub traffic: Option<Vec<TrafficView>>,
+    /// Tags: each reaches one revision at `<tag>--<service>.<domain>`.
+    pub tags: BTreeMap<String, i64>,
     pub created_at: String,
     pub updated_at: String,
 }
 
 const SERVICE_COLUMNS: &str = "id, name, port, env, health_path, min, max, concurrency, freeze_after_ms, \
-                               stop_after_ms, request_timeout_ms, queue, revision, created_at, updated_at";
+                               stop_after_ms, request_timeout_ms, queue, target, stable_window_ms, revision, traffic, tags, \
+                               created_at, updated_at";
 
 fn env_from(name: &str, text: &str) -> anyhow::Result<BTreeMap<String, String>> {
     serde_json::from_str(text).with_context(|| format!("service {name}: stored env is not a JSON object"))
@@ -82,8 +88,16 @@ fn service_from_row(row: &SqliteRow) -> anyhow::Result<Service> {
             stop_after_ms: u64_of("stop_after_ms")?,
             request_timeout_ms: u64_of("request_timeout_ms")?,
             queue: u32_of("queue")?,
+            target: u32_of("target")?,
+            stable_window_ms: u64_of("stable_window_ms")?,
         },
         revision: row.try_get("revision")?,
+        traffic: match row.try_get::<Option<String>, _>("traffic")? {
+            Some(t) => Some(serde_json::from_str(&t).with_context(|| format!("service {name}: stored traffic"))?),
+            None => None,
+        },
+        tags: serde_json::from_str(&row.try_get::<String, _>("tags")?)
+            .with_context(|| format!("service {name}: stored tags"))?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
         name,
@@ -108,7 +122,7 @@ pub enum InsertError {
 type Query<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
 
 /// Binds a service's scaling columns, in the order `min, max, concurrency, freeze_after_ms,
-/// stop_after_ms, request_timeout_ms, queue`.
+/// stop_after_ms, request_timeout_ms, queue, target, stable_window_ms`.
 fn bind_scaling<'q>(q: Query<'q>, sc: &Scaling) -> Query<'q> {
     q.bind(i64::from(sc.min))
         .bind(i64::from(sc.max))
@@ -117,6 +131,8 @@ fn bind_scaling<'q>(q: Query<'q>, sc: &Scaling) -> Query<'q> {
         .bind(sc.stop_after_ms as i64)
         .bind(sc.request_timeout_ms as i64)
         .bind(i64::from(sc.queue))
+        .bind(i64::from(sc.target))
+        .bind(sc.stable_window_ms as i64)
 }
 
 /// Inserts a new service; returns its id.
@@ -125,8 +141,8 @@ pub async fn insert_service(pool: &SqlitePool, s: &Service) -> Result<i64, Inser
     let sc = &s.scaling;
     let q = sqlx::query(
         "INSERT INTO services (name, port, env, health_path, min, max, concurrency, freeze_after_ms, \
-         stop_after_ms, request_timeout_ms, queue, revision, created_at, updated_at) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?)",
+         stop_after_ms, request_timeout_ms, queue, target, stable_window_ms, revision, created_at, updated_at) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?)",
     )
     .bind(&s.name)
     .bind(s.port.map(i64::from))
@@ -181,7 +197,7 @@ pub async fn set_service_config(
 pub async fn set_scaling(pool: &SqlitePool, name: &str, sc: &Scaling) -> anyhow::Result<bool> {
     let q = sqlx::query(
         "UPDATE services SET min = ?, max = ?, concurrency = ?, freeze_after_ms = ?, stop_after_ms = ?, \
-         request_timeout_ms = ?, queue = ?, updated_at = ? WHERE name = ?",
+         request_timeout_ms = ?, queue = ?, target = ?, stable_window_ms = ?, updated_at = ? WHERE name = ?",
     );
     let done = bind_scaling(q, sc)
         .bind(now())
@@ -292,21 +308,54 @@ pub async fn insert_revision(
     })
 }
 
+/// Puts revision `number` in service with all the traffic (tags stay).
 pub async fn set_current_revision(pool: &SqlitePool, service_id: i64, number: i64) -> anyhow::Result<()> {
-    sqlx::query("UPDATE services SET revision = ?, updated_at = ? WHERE id = ?")
+    sqlx::query("UPDATE services SET revision = ?, traffic = NULL, updated_at = ? WHERE id = ?")
         .bind(number)
         .bind(now())
         .bind(service_id)
         .execute(pool)
         .await
         .context("switching the revision")?;
-    sqlx::query("UPDATE revisions SET served_at = COALESCE(served_at, ?) WHERE service_id = ? AND number = ?")
+    mark_served(pool, service_id, std::iter::once(number)).await
+}
+
+/// Sets how the untagged traffic is split (None: all to the service's revision).
+pub async fn set_traffic(pool: &SqlitePool, service_id: i64, traffic: Option<&[TrafficView]>) -> anyhow::Result<()> {
+    let text = traffic.map(serde_json::to_string).transpose()?;
+    sqlx::query("UPDATE services SET traffic = ?, updated_at = ? WHERE id = ?")
+        .bind(text)
         .bind(now())
         .bind(service_id)
-        .bind(number)
         .execute(pool)
         .await
-        .context("recording that a revision served")?;
+        .context("setting the traffic split")?;
+    mark_served(pool, service_id, traffic.unwrap_or_default().iter().filter(|t| t.percent > 0).map(|t| t.revision))
+        .await
+}
+
+pub async fn set_tags(pool: &SqlitePool, service_id: i64, tags: &BTreeMap<String, i64>) -> anyhow::Result<()> {
+    sqlx::query("UPDATE services SET tags = ?, updated_at = ? WHERE id = ?")
+        .bind(serde_json::to_string(tags)?)
+        .bind(now())
+        .bind(service_id)
+        .execute(pool)
+        .await
+        .context("setting the tags")?;
+    Ok(())
+}
+
+/// Records that these revisions took traffic (once: the first time is kept).
+async fn mark_served(pool: &SqlitePool, service_id: i64, numbers: impl Iterator<Item = i64>) -> anyhow::Result<()> {
+    for n in numbers {
+        sqlx::query("UPDATE revisions SET served_at = COALESCE(served_at, ?) WHERE service_id = ? AND number = ?")
+            .bind(now())
+            .bind(service_id)
+            .bind(n)
+            .execute(pool)
+            .await
+            .context("recording that a revision served")?;
+    }
     Ok(())
 }
 

@@ -344,6 +344,12 @@ pub fn run_options(service: &str, rev: &Revision) -> RunOptions {
     if !rev.env.contains_key("PORT") {
         env.push(format!("PORT={}", rev.port));
     }
+    // As Cloud Run's K_SERVICE and K_REVISION: the app may say who it is.
+    for (k, v) in [("BERTH_SERVICE", service.to_string()), ("BERTH_REVISION", rev.number.to_string())] {
+        if !rev.env.contains_key(k) {
+            env.push(format!("{k}={v}"));
+        }
+    }
     let mut suffix = [0u8; 3];
     getrandom::fill(&mut suffix).expect("the kernel's random source");
     RunOptions {

@@ -1,22 +1,26 @@
-//! The live side of the control plane: every service's current revision, instances and queue of
-//! held requests, in memory. The proxy asks it for a [`Lease`] on an instance; it decides when
-//! to start, thaw, freeze and stop instances and hands that work to [`super::instance`].
+//! The live side of the control plane: every service's revisions in service (its traffic
+//! split and tags), instances and queues of held requests, in memory. The proxy asks it for a
+//! [`Lease`] on an instance; it decides when to start, thaw, freeze, drain and stop instances
+//! and hands that work to [`super::instance`].
 //!
 //! Invariants:
 //! - The request path ([`Service::acquire`], [`Lease`] drop) takes one short `std` mutex per
 //!   service and never waits on the database, the engine or the network.
 //! - Every state change of an instance happens under that mutex; slow work (engine calls,
 //!   probes) runs outside it and reports back through `on_*` methods.
-//! - A held request is a oneshot sender in the queue; a client that gave up drops its receiver
-//!   and is skipped (and no longer counted) from then on.
+//! - A held request is a oneshot sender in its revision's queue; a client that gave up drops
+//!   its receiver and is skipped (and no longer counted) from then on.
+//! - A request's revision is chosen once, when it arrives (by its tag, else by the traffic
+//!   split), and it is served by an instance of that revision only.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::autoscale::Autoscaler;
 use super::scaling::Scaling;
 
 /// A revision as instances run it: the image pinned by id plus its config. Immutable.
@@ -26,7 +30,7 @@ pub struct Revision {
     pub image: String,
     pub image_id: String,
     pub port: u16,
-    pub env: std::collections::BTreeMap<String, String>,
+    pub env: BTreeMap<String, String>,
     pub health_path: Option<String>,
 }
 
@@ -35,6 +39,9 @@ pub struct Revision {
 pub enum InstanceState {
     Starting,
     Ready,
+    /// Scaled in: takes no new requests, stops once its requests finished (or, if the load
+    /// comes back first, is ready again).
+    Draining,
     Freezing,
     Frozen,
     Thawing,
@@ -55,6 +62,17 @@ struct Instance {
     checked: Instant,
     /// When it became ready (a crash after a long healthy run does not count as a loop).
     ready_at: Option<Instant>,
+}
+
+impl Instance {
+    /// Counts toward the revision's instances (it serves, or will, or can be thawed).
+    fn is_live(&self) -> bool {
+        !matches!(self.state, InstanceState::Stopping | InstanceState::Draining)
+    }
+    /// Serves now or very soon.
+    fn is_up(&self) -> bool {
+        matches!(self.state, InstanceState::Starting | InstanceState::Ready | InstanceState::Thawing)
+    }
 }
 
 /// Why a request could not get an instance.
@@ -114,26 +132,101 @@ pub enum Action {
 
 type Waiter = oneshot::Sender<Result<Lease, Refusal>>;
 
+/// One revision's share of the traffic.
+#[derive(Debug, Clone)]
+struct Split {
+    rev: Arc<Revision>,
+    percent: u32,
+    /// Smooth weighted round robin: the share it is owed.
+    credit: i64,
+}
+
+/// A revision's share of the traffic, as set and shown.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TrafficView {
+    pub revision: i64,
+    pub percent: u32,
+}
+
 #[derive(Debug)]
 struct Inner {
     scaling: Scaling,
+    /// The revision the last deploy or rollback put in service.
     revision: Option<Arc<Revision>>,
+    /// Who gets the untagged requests: percentages adding up to 100.
+    traffic: Vec<Split>,
+    /// `<tag>--<service>.<domain>` reaches that revision alone.
+    tags: BTreeMap<String, Arc<Revision>>,
+    /// Per revision in service.
+    scalers: HashMap<i64, Autoscaler>,
     instances: Vec<Instance>,
-    waiters: VecDeque<Waiter>,
+    /// Held requests per revision, oldest first.
+    queues: BTreeMap<i64, VecDeque<Waiter>>,
     last_error: Option<String>,
-    /// After a failed start or a crash, min instances are not restarted before this.
+    /// After a failed start or a crash, instances are not restarted for `min` or the
+    /// autoscaler before this.
     retry_after: Option<Instant>,
-    /// When the traffic last moved to another revision: instances of older ones drain for at
-    /// most `request_timeout` from then (no request of theirs can legitimately last longer).
+    /// When the traffic last moved off a revision: instances of revisions out of service drain
+    /// for at most `request_timeout` from then (no request of theirs can legitimately last
+    /// longer).
     switched_at: Option<Instant>,
     /// Crashes in a row (instances that died soon after becoming ready): the restart backoff
     /// doubles with each, from 100 ms up to 30 s.
     crashes: u32,
     deploying: Option<i64>,
-    /// The revision a running deploy is starting: its instances are not drained as old ones.
+    /// The revision a running deploy is starting: its instances are not drained.
     candidate: Option<i64>,
     deleted: bool,
     next_slot: u64,
+}
+
+impl Inner {
+    /// The revisions that may get requests: those with a share of the traffic, tagged ones,
+    /// and a deploy's candidate.
+    fn in_service(&self, rev: i64) -> bool {
+        self.traffic.iter().any(|s| s.rev.number == rev && s.percent > 0)
+            || self.tags.values().any(|r| r.number == rev)
+            || self.candidate == Some(rev)
+    }
+
+    fn find_revision(&self, rev: i64) -> Option<Arc<Revision>> {
+        self.traffic
+            .iter()
+            .map(|s| &s.rev)
+            .chain(self.tags.values())
+            .chain(self.revision.iter())
+            .find(|r| r.number == rev)
+            .cloned()
+    }
+
+    /// The revision for the next untagged request: smooth weighted round robin, so a 90/10
+    /// split sends exactly one request in ten to the second revision, evenly spread.
+    fn pick(&mut self) -> Option<Arc<Revision>> {
+        let total: i64 = self.traffic.iter().map(|s| i64::from(s.percent)).sum();
+        if total == 0 {
+            return None;
+        }
+        for s in self.traffic.iter_mut() {
+            s.credit += i64::from(s.percent);
+        }
+        let best = self.traffic.iter_mut().filter(|s| s.percent > 0).max_by_key(|s| s.credit)?;
+        best.credit -= total;
+        Some(best.rev.clone())
+    }
+
+    /// The instances `min` asks of revision `rev`: its share of `min`, rounded up.
+    fn min_of(&self, rev: i64) -> u32 {
+        let pct = self.traffic.iter().find(|s| s.rev.number == rev).map_or(0, |s| s.percent);
+        if pct == 0 {
+            0
+        } else {
+            (self.scaling.min * pct).div_ceil(100)
+        }
+    }
+
+    fn waiting(&self, rev: i64) -> usize {
+        self.queues.get(&rev).map_or(0, |q| q.iter().filter(|w| !w.is_closed()).count())
+    }
 }
 
 /// One service's live state.
@@ -154,6 +247,7 @@ pub struct Lease {
     svc: Option<Arc<Service>>,
     slot: u64,
     pub addr: SocketAddr,
+    pub revision: i64,
 }
 
 impl Lease {
@@ -189,6 +283,8 @@ pub enum Acquired {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Snapshot {
     pub revision: Option<Arc<RevisionView>>,
+    pub traffic: Vec<TrafficView>,
+    pub tags: BTreeMap<String, i64>,
     pub instances: Vec<InstanceView>,
     pub queued: usize,
     pub in_flight: u32,
@@ -198,6 +294,8 @@ pub struct Snapshot {
     pub prepared: bool,
     /// Instances that died in a row soon after becoming ready.
     pub crashes: u32,
+    /// Revisions whose autoscaler is in panic mode (a burst).
+    pub panicking: Vec<i64>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -219,6 +317,17 @@ pub struct InstanceView {
     pub started_at: String,
 }
 
+/// The least-loaded ready instance of `rev` with room: its slot and address, counted in.
+fn take(instances: &mut [Instance], rev: i64, conc: u32) -> Option<(u64, SocketAddr)> {
+    let inst = instances
+        .iter_mut()
+        .filter(|i| i.state == InstanceState::Ready && i.revision == rev && i.in_flight < conc)
+        .min_by_key(|i| i.in_flight)?;
+    inst.in_flight += 1;
+    inst.last_active = Instant::now();
+    Some((inst.slot, inst.addr.expect("a ready instance has an address")))
+}
+
 impl Service {
     pub fn new(
         name: String,
@@ -227,15 +336,20 @@ impl Service {
         revision: Option<Revision>,
         actions: mpsc::UnboundedSender<Action>,
     ) -> Arc<Service> {
+        let revision = revision.map(Arc::new);
+        let traffic = revision.iter().map(|r| Split { rev: r.clone(), percent: 100, credit: 0 }).collect::<Vec<_>>();
         Arc::new(Service {
             name,
             id,
             prepared: std::sync::atomic::AtomicBool::new(false),
             inner: Mutex::new(Inner {
                 scaling,
-                revision: revision.map(Arc::new),
+                revision,
+                traffic,
+                tags: BTreeMap::new(),
+                scalers: HashMap::new(),
                 instances: Vec::new(),
-                waiters: VecDeque::new(),
+                queues: BTreeMap::new(),
                 last_error: None,
                 retry_after: None,
                 crashes: 0,
@@ -274,99 +388,122 @@ impl Service {
         self.lock().revision.clone()
     }
 
-    /// An instance for one request: at once if one has room, else a place in the queue (and
-    /// an instance thawed or started for it), else the reason there is none.
-    pub fn acquire(self: &Arc<Self>) -> Acquired {
+    /// True if `tag` names a revision of this service.
+    pub fn has_tag(&self, tag: &str) -> bool {
+        self.lock().tags.contains_key(tag)
+    }
+
+    /// An instance for one request (of the revision tagged `tag`, else of the one the traffic
+    /// split picks): at once if one has room, else a place in that revision's queue (and an
+    /// instance thawed or started for it), else the reason there is none.
+    pub fn acquire(self: &Arc<Self>, tag: Option<&str>) -> Acquired {
         let mut g = self.lock();
         if g.deleted {
             return Acquired::Refused(Refusal::Deleted);
         }
-        if g.revision.is_none() {
-            return Acquired::Refused(Refusal::NotDeployed);
-        }
-        if g.waiters.is_empty() {
-            if let Some(lease) = self.take_slot(&mut g) {
-                return Acquired::Now(lease);
+        let rev = match tag {
+            Some(t) => g.tags.get(t).cloned(),
+            None => g.pick(),
+        };
+        let Some(rev) = rev else { return Acquired::Refused(Refusal::NotDeployed) };
+        let n = rev.number;
+        if g.queues.get(&n).is_none_or(VecDeque::is_empty) {
+            let conc = g.scaling.concurrency;
+            if let Some((slot, addr)) = take(&mut g.instances, n, conc) {
+                return Acquired::Now(Lease { svc: Some(self.clone()), slot, addr, revision: n });
             }
         }
-        g.waiters.retain(|w| !w.is_closed());
-        if g.waiters.len() >= g.scaling.queue as usize {
+        let held: usize = g
+            .queues
+            .values_mut()
+            .map(|q| {
+                q.retain(|w| !w.is_closed());
+                q.len()
+            })
+            .sum();
+        if held >= g.scaling.queue as usize {
             return Acquired::Refused(Refusal::QueueFull(g.scaling.queue));
         }
         let (tx, rx) = oneshot::channel();
-        g.waiters.push_back(tx);
+        g.queues.entry(n).or_default().push_back(tx);
         self.plan(&mut g);
         Acquired::Held(rx)
     }
 
-    /// The least-loaded ready instance of the current revision with room, counted in.
-    fn take_slot(self: &Arc<Self>, g: &mut Inner) -> Option<Lease> {
-        let rev = g.revision.as_ref()?.number;
-        let conc = g.scaling.concurrency;
-        let inst = g
-            .instances
-            .iter_mut()
-            .filter(|i| i.state == InstanceState::Ready && i.revision == rev && i.in_flight < conc)
-            .min_by_key(|i| i.in_flight)?;
-        inst.in_flight += 1;
-        inst.last_active = Instant::now();
-        Some(Lease {
-            svc: Some(self.clone()),
-            slot: inst.slot,
-            addr: inst.addr.expect("a ready instance has an address"),
-        })
-    }
-
-    /// Hands free slots to held requests, oldest first; then plans for those still waiting.
+    /// Hands free slots to held requests, oldest first per revision; then plans for those
+    /// still waiting.
     fn dispatch(self: &Arc<Self>, g: &mut Inner) {
-        while let Some(front) = g.waiters.front() {
-            if front.is_closed() {
-                g.waiters.pop_front();
-                continue;
-            }
-            let Some(lease) = self.take_slot(g) else { break };
-            let tx = g.waiters.pop_front().expect("a front waiter");
-            if let Err(Ok(mut back)) = tx.send(Ok(lease)) {
-                // The client left between the check and the send: take the slot back without
-                // re-entering this lock through Drop.
-                back.svc = None;
-                if let Some(i) = g.instances.iter_mut().find(|i| i.slot == back.slot) {
-                    i.in_flight -= 1;
+        let conc = g.scaling.concurrency;
+        let Inner { queues, instances, .. } = g;
+        for (&rev, q) in queues.iter_mut() {
+            while let Some(front) = q.front() {
+                if front.is_closed() {
+                    q.pop_front();
+                    continue;
+                }
+                let Some((slot, addr)) = take(instances, rev, conc) else { break };
+                let tx = q.pop_front().expect("a front waiter");
+                let lease = Lease { svc: Some(self.clone()), slot, addr, revision: rev };
+                if let Err(Ok(mut back)) = tx.send(Ok(lease)) {
+                    // The client left between the check and the send: take the slot back
+                    // without re-entering this lock through Drop.
+                    back.svc = None;
+                    if let Some(i) = instances.iter_mut().find(|i| i.slot == back.slot) {
+                        i.in_flight -= 1;
+                    }
                 }
             }
         }
+        queues.retain(|_, q| !q.is_empty());
         self.plan(g);
     }
 
-    /// Scale-up decisions for the held requests: thaw frozen instances first, then start new
-    /// ones (up to `max`) until the capacity on its way covers the queue.
+    /// Scale-up decisions for the held requests of each revision: bring back draining
+    /// instances, thaw frozen ones, then start new ones (up to `max` for the whole service)
+    /// until the capacity on its way covers the queue.
     fn plan(self: &Arc<Self>, g: &mut Inner) {
-        let waiting = g.waiters.iter().filter(|w| !w.is_closed()).count() as u64;
-        if waiting == 0 || g.deleted {
+        if g.deleted {
             return;
         }
-        let Some(rev) = g.revision.clone() else { return };
+        let waiting: Vec<(i64, u64)> =
+            g.queues.keys().map(|&r| (r, g.waiting(r) as u64)).filter(|&(_, w)| w > 0).collect();
+        if waiting.is_empty() {
+            return;
+        }
         let conc = u64::from(g.scaling.concurrency);
-        let mut coming: u64 = 0;
-        for i in g.instances.iter_mut().filter(|i| i.revision == rev.number) {
-            match i.state {
-                InstanceState::Starting | InstanceState::Thawing | InstanceState::Freezing => coming += conc,
-                InstanceState::Frozen if coming < waiting => {
-                    i.state = InstanceState::Thawing;
-                    coming += conc;
-                    let container = i.container.clone().expect("a frozen instance has a container");
-                    let _ = self.actions.send(Action::Thaw { svc: self.clone(), slot: i.slot, container });
+        let mut active = g.instances.iter().filter(|i| i.is_live()).count() as u64;
+        for (rev, waiting) in waiting {
+            let Some(revision) = g.find_revision(rev) else { continue };
+            let mut coming: u64 = 0;
+            for i in g.instances.iter_mut().filter(|i| i.revision == rev) {
+                match i.state {
+                    InstanceState::Starting | InstanceState::Thawing | InstanceState::Freezing => coming += conc,
+                    InstanceState::Draining if coming < waiting => {
+                        i.state = InstanceState::Ready;
+                        coming += conc;
+                        active += 1;
+                    }
+                    InstanceState::Frozen if coming < waiting => {
+                        i.state = InstanceState::Thawing;
+                        coming += conc;
+                        let container = i.container.clone().expect("a frozen instance has a container");
+                        let _ = self.actions.send(Action::Thaw { svc: self.clone(), slot: i.slot, container });
+                    }
+                    _ => {}
                 }
-                _ => {}
+            }
+            while coming < waiting && active < u64::from(g.scaling.max) {
+                self.start_locked(g, revision.clone());
+                coming += conc;
+                active += 1;
             }
         }
-        let mut active =
-            g.instances.iter().filter(|i| i.revision == rev.number && i.state != InstanceState::Stopping).count()
-                as u64;
-        while coming < waiting && active < u64::from(g.scaling.max) {
-            self.start_locked(g, rev.clone());
-            coming += conc;
-            active += 1;
+        // A draining instance brought back may take a held request at once.
+        let ready_with_queue = g.instances.iter().any(|i| {
+            i.state == InstanceState::Ready && i.in_flight < g.scaling.concurrency && g.waiting(i.revision) > 0
+        });
+        if ready_with_queue {
+            self.dispatch(g);
         }
     }
 
@@ -414,43 +551,53 @@ impl Service {
         });
     }
 
-    /// Periodic decisions: freeze and stop idle instances, drain old revisions, keep `min`
-    /// running, check that ready instances are alive.
+    /// Periodic decisions: drain revisions out of service, freeze and stop idle instances,
+    /// check that ready instances are alive, and autoscale each revision in service (keeping
+    /// its share of `min`).
     pub fn tick(self: &Arc<Self>, now: Instant) {
         let mut g = self.lock();
         if g.deleted {
             return;
         }
         let sc = g.scaling;
-        let cur = g.revision.as_ref().map(|r| r.number);
-        let candidate = g.candidate;
         let drained = g
             .switched_at
             .is_some_and(|t| now.saturating_duration_since(t) >= Duration::from_millis(sc.request_timeout_ms));
-        let queued = g.waiters.iter().any(|w| !w.is_closed());
         let mut actions = Vec::new();
-        let live_current = |g: &Inner| {
-            g.instances.iter().filter(|i| Some(i.revision) == cur && i.state != InstanceState::Stopping).count() as u32
-        };
-        let mut live = live_current(&g);
+        let mut live: HashMap<i64, u32> = HashMap::new();
+        for i in g.instances.iter().filter(|i| i.is_live()) {
+            *live.entry(i.revision).or_default() += 1;
+        }
+        let in_service: HashMap<i64, bool> = live.keys().map(|&r| (r, g.in_service(r))).collect();
+        let mins: HashMap<i64, u32> = live.keys().map(|&r| (r, g.min_of(r))).collect();
+        let queued: HashMap<i64, bool> = live.keys().map(|&r| (r, g.waiting(r) > 0)).collect();
         for i in g.instances.iter_mut() {
             let idle = now.saturating_duration_since(i.last_active);
             let busy = i.in_flight > 0;
+            let serving = in_service.get(&i.revision).copied().unwrap_or(false);
             match i.state {
-                InstanceState::Ready | InstanceState::Frozen
-                    if Some(i.revision) != cur && Some(i.revision) != candidate && (!busy || drained) =>
+                InstanceState::Ready | InstanceState::Frozen | InstanceState::Draining
+                    if !serving && (!busy || drained) =>
                 {
                     i.state = InstanceState::Stopping;
                     actions.push(Action::Stop { svc: self.clone(), slot: i.slot, container: i.container.clone() });
                 }
-                InstanceState::Frozen if idle >= Duration::from_millis(sc.stop_after_ms) && live > sc.min => {
+                InstanceState::Draining if !busy || idle >= Duration::from_millis(sc.request_timeout_ms) => {
                     i.state = InstanceState::Stopping;
-                    live -= 1;
+                    actions.push(Action::Stop { svc: self.clone(), slot: i.slot, container: i.container.clone() });
+                }
+                InstanceState::Frozen
+                    if idle >= Duration::from_millis(sc.stop_after_ms)
+                        && live.get(&i.revision).copied().unwrap_or(0)
+                            > mins.get(&i.revision).copied().unwrap_or(0) =>
+                {
+                    i.state = InstanceState::Stopping;
+                    *live.entry(i.revision).or_default() -= 1;
                     actions.push(Action::Stop { svc: self.clone(), slot: i.slot, container: i.container.clone() });
                 }
                 InstanceState::Ready
                     if !busy
-                        && !queued
+                        && !queued.get(&i.revision).copied().unwrap_or(false)
                         && idle >= Duration::from_millis(sc.freeze_after_ms)
                         && i.container.is_some() =>
                 {
@@ -467,15 +614,97 @@ impl Service {
                 _ => {}
             }
         }
-        if let Some(rev) = g.revision.clone() {
-            let may_retry = g.retry_after.is_none_or(|t| now >= t);
-            while live_current(&g) < sc.min && may_retry {
-                self.start_locked(&mut g, rev.clone());
-            }
-        }
+        self.autoscale(&mut g, now, &mut actions);
         drop(g);
         for a in actions {
             self.act(a);
+        }
+    }
+
+    /// Each revision in service: feed its autoscaler, then scale out (bring back draining
+    /// instances, thaw frozen ones, start new ones within `max`) or scale in (drain the idlest
+    /// ready instances beyond what it wants; never below one, which the idle timers handle).
+    fn autoscale(self: &Arc<Self>, g: &mut Inner, now: Instant, actions: &mut Vec<Action>) {
+        let sc = g.scaling;
+        let stable = Duration::from_millis(sc.stable_window_ms);
+        let mut revs: Vec<Arc<Revision>> = g.traffic.iter().filter(|s| s.percent > 0).map(|s| s.rev.clone()).collect();
+        for r in g.tags.values() {
+            if !revs.iter().any(|x| x.number == r.number) {
+                revs.push(r.clone());
+            }
+        }
+        g.scalers.retain(|n, _| revs.iter().any(|r| r.number == *n));
+        let may_retry = g.retry_after.is_none_or(|t| now >= t);
+        for rev in revs {
+            let n = rev.number;
+            let of_rev = |g: &Inner, f: &dyn Fn(&Instance) -> bool| {
+                g.instances.iter().filter(|i| i.revision == n && f(i)).count() as u32
+            };
+            let load =
+                g.instances.iter().filter(|i| i.revision == n).map(|i| i.in_flight).sum::<u32>() + g.waiting(n) as u32;
+            let ready = of_rev(g, &|i| i.state == InstanceState::Ready);
+            let scaler = g.scalers.entry(n).or_default();
+            scaler.observe(now, load, stable);
+            let want = scaler.desired(now, ready, sc.target(), stable);
+            let panicking = scaler.panicking();
+            if scaler.is_quiet() && of_rev(g, &|_| true) == 0 {
+                g.scalers.remove(&n);
+            }
+            let floor = g.min_of(n);
+            let desired = want.max(floor).min(sc.max);
+            // Scale out to what the autoscaler wants serving: draining instances first (they
+            // are warm), then frozen ones, then new ones.
+            // Only under load now: a quiet revision keeps what it has (idle instances freeze
+            // and stop on their timers), however much the stable average still wants.
+            let mut up = of_rev(g, &|i| i.is_up() || i.state == InstanceState::Freezing);
+            let mut total = g.instances.iter().filter(|i| i.is_live()).count() as u32;
+            let serve = if load > 0 { want.min(sc.max) } else { 0 };
+            for i in g.instances.iter_mut().filter(|i| i.revision == n) {
+                if up >= serve {
+                    break;
+                }
+                match i.state {
+                    InstanceState::Draining => {
+                        i.state = InstanceState::Ready;
+                        up += 1;
+                        total += 1;
+                    }
+                    InstanceState::Frozen => {
+                        i.state = InstanceState::Thawing;
+                        up += 1;
+                        let container = i.container.clone().expect("a frozen instance has a container");
+                        actions.push(Action::Thaw { svc: self.clone(), slot: i.slot, container });
+                    }
+                    _ => {}
+                }
+            }
+            // `min` counts frozen instances too: they are there, thawed on demand.
+            let live = of_rev(g, &|i| i.is_live());
+            let mut short = serve.saturating_sub(up).max(floor.saturating_sub(live));
+            while short > 0 && total < sc.max && may_retry {
+                self.start_locked(g, rev.clone());
+                short -= 1;
+                total += 1;
+            }
+            // Scale in.
+            let keep = desired.max(1);
+            if !panicking && ready > keep {
+                let mut excess = ready - keep;
+                let mut idle: Vec<&mut Instance> =
+                    g.instances.iter_mut().filter(|i| i.revision == n && i.state == InstanceState::Ready).collect();
+                idle.sort_by_key(|i| (i.in_flight, std::cmp::Reverse(now.saturating_duration_since(i.last_active))));
+                for i in idle {
+                    if excess == 0 {
+                        break;
+                    }
+                    excess -= 1;
+                    i.state = InstanceState::Draining;
+                    if i.in_flight == 0 {
+                        i.state = InstanceState::Stopping;
+                        actions.push(Action::Stop { svc: self.clone(), slot: i.slot, container: i.container.clone() });
+                    }
+                }
+            }
         }
     }
 
@@ -513,21 +742,22 @@ impl Service {
         self.dispatch(&mut g);
     }
 
-    /// A start failed: the requests held for it get the reason, unless another instance is on
-    /// its way or ready.
+    /// A start failed: the requests held for its revision get the reason, unless another
+    /// instance of it is on its way or ready.
     pub fn on_start_failed(self: &Arc<Self>, slot: u64, reason: &str) {
         let mut g = self.lock();
-        let revision = g.instances.iter().find(|i| i.slot == slot).map(|i| i.revision);
+        let Some(revision) = g.instances.iter().find(|i| i.slot == slot).map(|i| i.revision) else { return };
         g.instances.retain(|i| i.slot != slot);
-        if revision.is_some() && revision == g.candidate && revision != g.revision.as_ref().map(|r| r.number) {
+        let serving =
+            g.traffic.iter().any(|s| s.rev.number == revision) || g.tags.values().any(|r| r.number == revision);
+        if g.candidate == Some(revision) && !serving {
             // A deploy's candidate: the deploy reports it; the serving revision is not at fault.
             return;
         }
         g.last_error = Some(reason.to_string());
         g.retry_after = Some(Instant::now() + Duration::from_secs(5));
-        let cur = g.revision.as_ref().map(|r| r.number);
         let hope = g.instances.iter().any(|i| {
-            Some(i.revision) == cur
+            i.revision == revision
                 && matches!(
                     i.state,
                     InstanceState::Starting | InstanceState::Ready | InstanceState::Thawing | InstanceState::Freezing
@@ -537,8 +767,10 @@ impl Service {
             self.dispatch(&mut g);
             return;
         }
-        for w in g.waiters.drain(..) {
-            let _ = w.send(Err(Refusal::StartFailed(reason.to_string())));
+        if let Some(q) = g.queues.remove(&revision) {
+            for w in q {
+                let _ = w.send(Err(Refusal::StartFailed(reason.to_string())));
+            }
         }
     }
 
@@ -650,7 +882,8 @@ impl Service {
         self.dispatch(&mut g);
     }
 
-    /// Switches the traffic to `revision`; instances of others drain and stop.
+    /// Switches all the traffic to `revision` (a deploy or a rollback); instances of revisions
+    /// out of service drain and stop. Tags stay as they are.
     pub fn switch(self: &Arc<Self>, revision: Revision) {
         let mut g = self.lock();
         if g.candidate == Some(revision.number) {
@@ -658,11 +891,45 @@ impl Service {
         }
         if g.revision.as_ref().map(|r| r.number) != Some(revision.number) {
             self.act(Action::Discard { service: self.id, name: self.name.clone() });
+        }
+        if g.traffic.len() != 1 || g.traffic[0].rev.number != revision.number {
             g.switched_at = Some(Instant::now());
         }
-        g.revision = Some(Arc::new(revision));
+        let rev = Arc::new(revision);
+        g.traffic = vec![Split { rev: rev.clone(), percent: 100, credit: 0 }];
+        g.revision = Some(rev);
         g.last_error = None;
         g.retry_after = None;
+        self.dispatch(&mut g);
+    }
+
+    /// Splits the untagged traffic between revisions (percentages adding up to 100, checked by
+    /// the caller). Requests held for a revision that loses its share still go to it.
+    pub fn set_traffic(self: &Arc<Self>, split: Vec<(Revision, u32)>) {
+        let mut g = self.lock();
+        let mut traffic = Vec::with_capacity(split.len());
+        for (rev, percent) in split {
+            let rev = g.find_revision(rev.number).filter(|r| **r == rev).unwrap_or_else(|| Arc::new(rev));
+            traffic.push(Split { rev, percent, credit: 0 });
+        }
+        g.traffic = traffic;
+        g.switched_at = Some(Instant::now());
+        self.dispatch(&mut g);
+    }
+
+    /// Points `tag` at `revision` (None: removes the tag).
+    pub fn set_tag(self: &Arc<Self>, tag: &str, revision: Option<Revision>) {
+        let mut g = self.lock();
+        match revision {
+            Some(rev) => {
+                let rev = g.find_revision(rev.number).filter(|r| **r == rev).unwrap_or_else(|| Arc::new(rev));
+                g.tags.insert(tag.to_string(), rev);
+            }
+            None => {
+                g.tags.remove(tag);
+                g.switched_at = Some(Instant::now());
+            }
+        }
         self.dispatch(&mut g);
     }
 
@@ -671,8 +938,10 @@ impl Service {
         let mut g = self.lock();
         g.deleted = true;
         self.act(Action::Discard { service: self.id, name: self.name.clone() });
-        for w in g.waiters.drain(..) {
-            let _ = w.send(Err(Refusal::Deleted));
+        for (_, q) in std::mem::take(&mut g.queues) {
+            for w in q {
+                let _ = w.send(Err(Refusal::Deleted));
+            }
         }
         let mut actions = Vec::new();
         for i in g.instances.iter_mut() {
@@ -693,7 +962,7 @@ impl Service {
         self.lock().deleted
     }
 
-    /// True while something is running, held or starting (for tests and the API).
+    /// What the API shows of the live state.
     pub fn snapshot(&self) -> Snapshot {
         let g = self.lock();
         let now = Instant::now();
@@ -717,7 +986,7 @@ impl Service {
             } else {
                 "not-deployed"
             }
-        } else if has(InstanceState::Ready) || has(InstanceState::Thawing) {
+        } else if has(InstanceState::Ready) || has(InstanceState::Thawing) || has(InstanceState::Draining) {
             "ready"
         } else if has(InstanceState::Starting) {
             "starting"
@@ -730,6 +999,8 @@ impl Service {
         } else {
             "idle"
         };
+        let mut panicking: Vec<i64> = g.scalers.iter().filter(|(_, a)| a.panicking()).map(|(n, _)| *n).collect();
+        panicking.sort_unstable();
         Snapshot {
             revision: g.revision.as_ref().map(|r| {
                 Arc::new(RevisionView {
@@ -739,7 +1010,9 @@ impl Service {
                     port: r.port,
                 })
             }),
-            queued: g.waiters.iter().filter(|w| !w.is_closed()).count(),
+            traffic: g.traffic.iter().map(|s| TrafficView { revision: s.rev.number, percent: s.percent }).collect(),
+            tags: g.tags.iter().map(|(t, r)| (t.clone(), r.number)).collect(),
+            queued: g.queues.values().map(|q| q.iter().filter(|w| !w.is_closed()).count()).sum(),
             in_flight: g.instances.iter().map(|i| i.in_flight).sum(),
             instances,
             last_error: g.last_error.clone(),
@@ -747,6 +1020,7 @@ impl Service {
             status,
             prepared: self.is_prepared(),
             crashes: g.crashes,
+            panicking,
         }
     }
 }
@@ -771,7 +1045,8 @@ pub struct Platform {
 /// Where a request's Host sends it.
 pub enum Route {
     Control,
-    Service(Arc<Service>),
+    /// A service, and the tag that names one of its revisions (`<tag>--<service>.<domain>`).
+    Service(Arc<Service>, Option<String>),
     Unknown(String),
 }
 
@@ -805,7 +1080,13 @@ impl Platform {
         if let Some(name) = host.strip_suffix(self.suffix.as_str()) {
             if !name.contains('.') {
                 if let Some(svc) = self.get(name) {
-                    return Route::Service(svc);
+                    return Route::Service(svc, None);
+                }
+                // A tag has no "--" of its own, so the first one ends it.
+                if let Some((tag, name)) = name.split_once("--") {
+                    if let Some(svc) = self.get(name).filter(|s| s.has_tag(tag)) {
+                        return Route::Service(svc, Some(tag.to_string()));
+                    }
                 }
             }
         }
@@ -855,7 +1136,7 @@ mod tests {
         let (svc, _rx) = service(Scaling::default());
         p.insert(svc);
         for h in ["s.example.test", "S.Example.TEST", "s.example.test.", "s.example.test:8080", "s.example.test.:80"] {
-            assert!(matches!(p.route(h), Route::Service(_)), "{h}");
+            assert!(matches!(p.route(h), Route::Service(_, None)), "{h}");
         }
         assert!(matches!(p.route("BERTH.example.test:7070"), Route::Control));
         for h in ["x.example.test", "a.s.example.test", "example.test", "s.example.test.evil", ""] {
@@ -874,7 +1155,7 @@ mod tests {
         svc.on_ready(slot, "new", "10.0.0.3:8080".parse().unwrap());
         svc.tick(Instant::now());
         assert!(actions.try_recv().is_err(), "neither the serving nor the candidate instance stops");
-        let Acquired::Now(lease) = svc.acquire() else { panic!() };
+        let Acquired::Now(lease) = svc.acquire(None) else { panic!() };
         assert_eq!(lease.addr, addr(), "the old revision serves until the switch");
         drop(lease);
         let (tx, _rx) = oneshot::channel();
@@ -889,7 +1170,7 @@ mod tests {
         let (svc, mut actions) = service(Scaling { concurrency: 2, max: 5, queue: 10, ..Scaling::default() });
         let mut held = Vec::new();
         for _ in 0..3 {
-            match svc.acquire() {
+            match svc.acquire(None) {
                 Acquired::Held(rx) => held.push(rx),
                 _ => panic!("nothing runs: the request is held"),
             }
@@ -911,18 +1192,18 @@ mod tests {
     #[test]
     fn the_queue_is_bounded_and_clients_that_left_are_counted_out() {
         let (svc, _actions) = service(Scaling { max: 1, queue: 2, ..Scaling::default() });
-        let a = svc.acquire();
-        let _b = svc.acquire();
-        assert!(matches!(svc.acquire(), Acquired::Refused(Refusal::QueueFull(2))));
+        let a = svc.acquire(None);
+        let _b = svc.acquire(None);
+        assert!(matches!(svc.acquire(None), Acquired::Refused(Refusal::QueueFull(2))));
         drop(a);
         assert_eq!(svc.snapshot().queued, 1);
-        assert!(matches!(svc.acquire(), Acquired::Held(_)), "the place of the client that left is free");
+        assert!(matches!(svc.acquire(None), Acquired::Held(_)), "the place of the client that left is free");
     }
 
     #[test]
     fn a_failed_start_answers_the_held_requests_with_the_reason() {
         let (svc, mut actions) = service(Scaling::default());
-        let Acquired::Held(mut rx) = svc.acquire() else { panic!() };
+        let Acquired::Held(mut rx) = svc.acquire(None) else { panic!() };
         let Ok(Action::Start { slot, .. }) = actions.try_recv() else { panic!("a start") };
         svc.on_start_failed(slot, "exited with code 3");
         assert_eq!(rx.try_recv().unwrap().unwrap_err(), Refusal::StartFailed("exited with code 3".into()));
@@ -933,7 +1214,7 @@ mod tests {
     fn idle_instances_freeze_then_stop_and_a_request_thaws_a_frozen_one() {
         let (svc, mut actions) = service(Scaling { freeze_after_ms: 100, stop_after_ms: 1000, ..Scaling::default() });
         svc.adopt("c1", 1, addr(), false, "t".into());
-        let lease = match svc.acquire() {
+        let lease = match svc.acquire(None) {
             Acquired::Now(l) => l,
             _ => panic!("a ready instance serves at once"),
         };
@@ -944,7 +1225,7 @@ mod tests {
         svc.tick(Instant::now() + Duration::from_millis(150));
         let Ok(Action::Freeze { slot, .. }) = actions.try_recv() else { panic!("idle: freeze") };
         svc.on_frozen(slot, true);
-        let Acquired::Held(mut rx) = svc.acquire() else { panic!("frozen: held") };
+        let Acquired::Held(mut rx) = svc.acquire(None) else { panic!("frozen: held") };
         let Ok(Action::Thaw { slot: s2, .. }) = actions.try_recv() else { panic!("a thaw, not a start") };
         assert_eq!(s2, slot);
         assert!(actions.try_recv().is_err(), "no new instance while one thaws");
@@ -1000,14 +1281,14 @@ mod tests {
     fn a_new_revision_takes_new_requests_and_the_old_one_drains() {
         let (svc, mut actions) = service(Scaling::default());
         svc.adopt("old", 1, addr(), false, "t".into());
-        let Acquired::Now(old_lease) = svc.acquire() else { panic!() };
+        let Acquired::Now(old_lease) = svc.acquire(None) else { panic!() };
         svc.adopt("new", 2, "10.0.0.3:8080".parse().unwrap(), false, "t".into());
         svc.switch(rev(2));
         assert!(
             matches!(actions.try_recv(), Ok(Action::Discard { service: 1, .. })),
             "a new revision makes a prepared container of the old one useless"
         );
-        let Acquired::Now(new_lease) = svc.acquire() else { panic!() };
+        let Acquired::Now(new_lease) = svc.acquire(None) else { panic!() };
         assert_eq!(new_lease.addr.to_string(), "10.0.0.3:8080");
         svc.tick(Instant::now());
         assert!(actions.try_recv().is_err(), "the old instance still serves a request");
@@ -1021,7 +1302,7 @@ mod tests {
     fn an_old_revision_drains_for_at_most_the_request_timeout() {
         let (svc, mut actions) = service(Scaling { request_timeout_ms: 1000, ..Scaling::default() });
         svc.adopt("old", 1, addr(), false, "t".into());
-        let Acquired::Now(_stuck) = svc.acquire() else { panic!() };
+        let Acquired::Now(_stuck) = svc.acquire(None) else { panic!() };
         svc.adopt("new", 2, "10.0.0.3:8080".parse().unwrap(), false, "t".into());
         svc.switch(rev(2));
         let _ = actions.try_recv(); // the Discard
@@ -1030,5 +1311,116 @@ mod tests {
         svc.tick(Instant::now() + Duration::from_millis(1500));
         let Ok(Action::Stop { container, .. }) = actions.try_recv() else { panic!("grace over: stop") };
         assert_eq!(container.as_deref(), Some("old"));
+    }
+
+    #[test]
+    fn a_90_10_split_sends_one_request_in_ten_to_the_second_revision_and_a_tag_reaches_it_alone() {
+        let (svc, mut actions) = service(Scaling::default());
+        svc.adopt("one", 1, addr(), false, "t".into());
+        svc.adopt("two", 2, "10.0.0.3:8080".parse().unwrap(), false, "t".into());
+        svc.set_traffic(vec![(rev(1), 90), (rev(2), 10)]);
+        svc.set_tag("canary", Some(rev(2)));
+        let mut counts = [0usize; 3];
+        let mut second_at = Vec::new();
+        for n in 0..1000 {
+            let Acquired::Now(lease) = svc.acquire(None) else { panic!("both revisions run") };
+            counts[lease.revision as usize] += 1;
+            if lease.revision == 2 {
+                second_at.push(n);
+            }
+        }
+        assert_eq!((counts[1], counts[2]), (900, 100));
+        assert!(second_at.windows(2).all(|w| w[1] - w[0] == 10), "evenly spread, not in a block");
+        for _ in 0..50 {
+            let Acquired::Now(lease) = svc.acquire(Some("canary")) else { panic!() };
+            assert_eq!(lease.revision, 2);
+        }
+        assert!(matches!(svc.acquire(Some("nope")), Acquired::Refused(Refusal::NotDeployed)));
+        // A revision with no share and no tag drains.
+        svc.set_tag("canary", None);
+        svc.set_traffic(vec![(rev(1), 100)]);
+        svc.tick(Instant::now());
+        let mut stops = Vec::new();
+        while let Ok(a) = actions.try_recv() {
+            if let Action::Stop { container, .. } = a {
+                stops.push(container.unwrap());
+            }
+        }
+        assert_eq!(stops, ["two"]);
+    }
+
+    /// Drains the actions: (starts, stops) and marks the started instances ready.
+    fn settle(svc: &Arc<Service>, actions: &mut mpsc::UnboundedReceiver<Action>, next_ip: &mut u8) -> (usize, usize) {
+        let (mut starts, mut stops) = (0, 0);
+        while let Ok(a) = actions.try_recv() {
+            match a {
+                Action::Start { slot, .. } => {
+                    starts += 1;
+                    *next_ip += 1;
+                    svc.on_ready(slot, &format!("c{next_ip}"), format!("10.0.1.{next_ip}:8080").parse().unwrap());
+                }
+                Action::Stop { slot, .. } => {
+                    stops += 1;
+                    svc.on_stopped(slot);
+                }
+                _ => {}
+            }
+        }
+        (starts, stops)
+    }
+
+    fn up(svc: &Service) -> usize {
+        svc.snapshot().instances.iter().filter(|i| i.state == InstanceState::Ready).count()
+    }
+
+    #[test]
+    fn three_times_the_target_runs_three_instances_and_the_calm_returns_to_min_on_paused_time() {
+        let sc = Scaling { min: 1, concurrency: 10, target: 2, stable_window_ms: 10_000, ..Scaling::default() };
+        let (svc, mut actions) = service(sc);
+        let mut ip = 0;
+        let t0 = Instant::now();
+        svc.tick(t0);
+        assert_eq!(settle(&svc, &mut actions, &mut ip), (1, 0), "min 1: one instance");
+        // Six requests in flight, 3x the target of 2 (each instance could hold 10).
+        let mut leases: Vec<Lease> = (0..6)
+            .map(|_| match svc.acquire(None) {
+                Acquired::Now(l) => l,
+                _ => panic!("room on the min instance"),
+            })
+            .collect();
+        let mut t = t0;
+        let mut most = 0;
+        for _ in 0..50 {
+            t += Duration::from_millis(100);
+            svc.tick(t);
+            settle(&svc, &mut actions, &mut ip);
+            most = most.max(up(&svc));
+            // Keep the load where it is, spread by least-loaded routing.
+            let l = leases.remove(0);
+            drop(l);
+            leases.push(match svc.acquire(None) {
+                Acquired::Now(l) => l,
+                _ => panic!("room"),
+            });
+        }
+        assert_eq!((up(&svc), most), (3, 3), "3x the target: 3 instances, never more");
+        let per: Vec<u32> = svc.snapshot().instances.iter().map(|i| i.in_flight).collect();
+        assert_eq!(per, [2, 2, 2], "requests go to the least-loaded instance");
+        drop(leases);
+        // Calm: within the stable window nothing is stopped (no flapping)...
+        for _ in 0..20 {
+            t += Duration::from_millis(100);
+            svc.tick(t);
+            settle(&svc, &mut actions, &mut ip);
+        }
+        assert_eq!(up(&svc), 3, "two seconds of calm do not scale in yet");
+        // ...after it, back to min.
+        for _ in 0..120 {
+            t += Duration::from_millis(100);
+            svc.tick(t);
+            settle(&svc, &mut actions, &mut ip);
+        }
+        assert_eq!(up(&svc), 1, "back to min after the stable window");
+        assert!(svc.snapshot().panicking.is_empty());
     }
 }

@@ -231,13 +231,14 @@ impl Proxy {
             Route::Unknown(host) => {
                 error(StatusCode::NOT_FOUND, "unknown-host", format!("no service answers at {host:?}"))
             }
-            Route::Service(svc) => self.forward(svc, req, peer, &host).await,
+            Route::Service(svc, tag) => self.forward(svc, tag, req, peer, &host).await,
         }
     }
 
     async fn forward(
         &self,
         svc: Arc<Service>,
+        tag: Option<String>,
         mut req: Request<Incoming>,
         peer: SocketAddr,
         host: &str,
@@ -249,7 +250,7 @@ impl Proxy {
         let (mut parts, mut incoming) = req.into_parts();
         let mut held = Vec::new();
         let mut body_done = incoming.is_end_stream();
-        let lease = match svc.acquire() {
+        let lease = match svc.acquire(tag.as_deref()) {
             Acquired::Now(l) => l,
             Acquired::Refused(r) => return refusal(&svc, r),
             Acquired::Held(mut rx) => {

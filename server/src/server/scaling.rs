@@ -20,6 +20,10 @@ pub struct Scaling {
     pub request_timeout_ms: u64,
     /// Requests held per service while no instance can take them.
     pub queue: u32,
+    /// The concurrency per instance the autoscaler aims at (0: 70% of `concurrency`).
+    pub target: u32,
+    /// The autoscaler's stable window (its panic window is a tenth of it).
+    pub stable_window_ms: u64,
 }
 
 impl Default for Scaling {
@@ -32,6 +36,8 @@ impl Default for Scaling {
             stop_after_ms: 300_000,
             request_timeout_ms: 300_000,
             queue: 100,
+            target: 0,
+            stable_window_ms: 60_000,
         }
     }
 }
@@ -53,6 +59,9 @@ pub struct Patch {
     pub stop_after: Option<String>,
     pub request_timeout: Option<String>,
     pub queue: Option<u32>,
+    /// 0: back to the default, 70% of `concurrency`.
+    pub target: Option<u32>,
+    pub stable_window: Option<String>,
 }
 
 /// What the API shows.
@@ -65,9 +74,23 @@ pub struct View {
     pub stop_after: String,
     pub request_timeout: String,
     pub queue: u32,
+    /// The concurrency per instance the autoscaler aims at.
+    pub target: u32,
+    /// Whether `target` was set (false: 70% of `concurrency`).
+    pub target_set: bool,
+    pub stable_window: String,
 }
 
 impl Scaling {
+    /// The autoscaler's concurrency target per instance.
+    pub fn target(&self) -> u32 {
+        if self.target == 0 {
+            (self.concurrency * 7 / 10).max(1)
+        } else {
+            self.target
+        }
+    }
+
     /// Applies `patch` and checks the result; the error names the field.
     pub fn apply(mut self, patch: &Patch) -> Result<Scaling, String> {
         let dur = |field: &str, v: &Option<String>, cur: u64| match v {
@@ -78,6 +101,8 @@ impl Scaling {
         self.max = patch.max.unwrap_or(self.max);
         self.concurrency = patch.concurrency.unwrap_or(self.concurrency);
         self.queue = patch.queue.unwrap_or(self.queue);
+        self.target = patch.target.unwrap_or(self.target);
+        self.stable_window_ms = dur("stable_window", &patch.stable_window, self.stable_window_ms)?;
         self.freeze_after_ms = dur("freeze_after", &patch.freeze_after, self.freeze_after_ms)?;
         self.stop_after_ms = dur("stop_after", &patch.stop_after, self.stop_after_ms)?;
         self.request_timeout_ms = dur("request_timeout", &patch.request_timeout, self.request_timeout_ms)?;
@@ -97,6 +122,15 @@ impl Scaling {
         }
         if !(1..=MAX_QUEUE).contains(&self.queue) {
             return Err(format!("queue: {} must be from 1 to {MAX_QUEUE}", self.queue));
+        }
+        if self.target > self.concurrency {
+            return Err(format!(
+                "target: {} is more than concurrency ({}): an instance never holds more than concurrency requests",
+                self.target, self.concurrency
+            ));
+        }
+        if !(1000..=3_600_000).contains(&self.stable_window_ms) {
+            return Err(format!("stable_window: {} must be from 1s to 1h", format_duration(self.stable_window_ms)));
         }
         for (field, ms) in [
             ("freeze_after", self.freeze_after_ms),
@@ -126,6 +160,9 @@ impl Scaling {
             stop_after: format_duration(self.stop_after_ms),
             request_timeout: format_duration(self.request_timeout_ms),
             queue: self.queue,
+            target: self.target(),
+            target_set: self.target != 0,
+            stable_window: format_duration(self.stable_window_ms),
         }
     }
 }
@@ -223,6 +260,8 @@ mod tests {
             (Patch { max: Some(0), ..Default::default() }, "max: 0 must be from 1"),
             (Patch { concurrency: Some(0), ..Default::default() }, "concurrency: 0"),
             (Patch { queue: Some(0), ..Default::default() }, "queue: 0"),
+            (Patch { target: Some(81), ..Default::default() }, "target: 81 is more than concurrency (80)"),
+            (Patch { stable_window: Some("500ms".into()), ..Default::default() }, "stable_window: 500ms must be"),
             (Patch { freeze_after: Some("soon".into()), ..Default::default() }, "freeze_after: \"soon\" is not"),
             (Patch { request_timeout: Some("0s".into()), ..Default::default() }, "request_timeout: 0s must be"),
             (Patch { stop_after: Some("25h".into()), ..Default::default() }, "stop_after: 25h must be"),

@@ -30,6 +30,7 @@ pub fn router() -> Router<AppState> {
         .route("/services/{name}/revisions", get(revisions))
         .route("/services/{name}/rollback", post(rollback))
         .route("/services/{name}/logs", get(logs))
+        .merge(super::traffic::router())
 }
 
 /// The service settings a create, update or deploy may carry.
@@ -71,7 +72,7 @@ struct DeployRequest {
 }
 
 #[derive(Debug, Serialize)]
-struct View {
+pub(super) struct View {
     name: String,
     url: String,
     /// None: chosen at deploy (the env's PORT, the image's single exposed port, else 8080).
@@ -79,8 +80,14 @@ struct View {
     env: BTreeMap<String, String>,
     health_path: Option<String>,
     scaling: scaling::View,
-    /// The revision taking the traffic.
+    /// The revision the last deploy or rollback put in service.
     revision: Option<i64>,
+    /// Who gets the untagged requests.
+    traffic: Vec<platform::TrafficView>,
+    /// Tag → revision; each answers at `<tag>--<service>.<domain>`.
+    tags: BTreeMap<String, i64>,
+    /// Revisions whose autoscaler is in panic mode.
+    panicking: Vec<i64>,
     image: Option<String>,
     status: &'static str,
     instances: Vec<platform::InstanceView>,
@@ -103,6 +110,9 @@ impl View {
     fn new(state: &AppState, s: Service, live: Option<Snapshot>, last_deploy: Option<db::Deploy>) -> View {
         let live = live.unwrap_or(Snapshot {
             revision: None,
+            traffic: Vec::new(),
+            tags: BTreeMap::new(),
+            panicking: Vec::new(),
             instances: Vec::new(),
             queued: 0,
             in_flight: 0,
@@ -119,6 +129,9 @@ impl View {
             env: s.env,
             health_path: s.health_path,
             revision: s.revision,
+            traffic: live.traffic,
+            tags: live.tags,
+            panicking: live.panicking,
             image: live.revision.as_ref().map(|r| r.image.clone()),
             status: live.status,
             instances: live.instances,
@@ -138,7 +151,7 @@ impl View {
 
 /// Parses a JSON body; serde's message names the field that is missing, unknown or mistyped
 /// (and where), without the names of our Rust types.
-fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, Error> {
+pub(super) fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, Error> {
     serde_json::from_slice(bytes).map_err(|e| {
         let msg = e.to_string();
         let msg = match msg.find("expected struct ") {
@@ -227,6 +240,8 @@ async fn insert(state: &AppState, name: &str, settings: &Settings) -> Result<Ser
         health_path: None,
         scaling: Scaling::default(),
         revision: None,
+        traffic: None,
+        tags: BTreeMap::new(),
         created_at: now.clone(),
         updated_at: now,
     };
@@ -288,11 +303,11 @@ async fn list_deploys(
     Ok(Json(serde_json::json!({ "deploys": db::list_deploys(&state.db, &name, limit).await? })))
 }
 
-async fn find(state: &AppState, name: &str) -> Result<Service, Error> {
+pub(super) async fn find(state: &AppState, name: &str) -> Result<Service, Error> {
     db::get_service(&state.db, name).await?.ok_or_else(|| Error::NotFound(format!("no service named {name:?}")))
 }
 
-async fn view(state: &AppState, name: &str) -> Result<View, Error> {
+pub(super) async fn view(state: &AppState, name: &str) -> Result<View, Error> {
     let s = find(state, name).await?;
     let live = state.platform.get(name).map(|l| l.snapshot());
     let last = db::list_deploys(&state.db, name, 1).await?.pop();
@@ -535,9 +550,10 @@ async fn rollback(
     respond(&state, &name, started, &headers, wait).await
 }
 
-/// `GET /services/{name}/revisions`: newest first, with the one taking the traffic marked.
+/// `GET /services/{name}/revisions`: newest first, each with its share of the traffic and tags.
 async fn revisions(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<serde_json::Value>, Error> {
     let service = find(&state, &name).await?;
+    let traffic = super::traffic::stored_traffic(&service);
     let list: Vec<serde_json::Value> = db::list_revisions(&state.db, service.id)
         .await?
         .into_iter()
@@ -545,7 +561,10 @@ async fn revisions(State(state): State<AppState>, Path(name): Path<String>) -> R
             serde_json::json!({
                 "number": r.number, "image": r.image, "image_id": r.image_id, "port": r.port,
                 "env": r.env, "health_path": r.health_path, "created_at": r.created_at,
-                "served_at": r.served_at, "serving": Some(r.number) == service.revision,
+                "served_at": r.served_at,
+                "serving": traffic.iter().any(|t| t.revision == r.number && t.percent > 0),
+                "percent": traffic.iter().find(|t| t.revision == r.number).map_or(0, |t| t.percent),
+                "tags": service.tags.iter().filter(|(_, &n)| n == r.number).map(|(t, _)| t).collect::<Vec<_>>(),
             })
         })
         .collect();

@@ -1,0 +1,10 @@
+-- Operations: autoscaling, traffic splits and tags.
+-- An applied migration is never edited: add 0003_*.sql instead.
+
+-- The autoscaler's concurrency target per instance (0: 70% of concurrency) and stable window.
+ALTER TABLE services ADD COLUMN target INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE services ADD COLUMN stable_window_ms INTEGER NOT NULL DEFAULT 60000;
+-- A JSON array [{"revision": N, "percent": P}, ...] adding up to 100; NULL: all to `revision`.
+ALTER TABLE services ADD COLUMN traffic TEXT;
+-- A JSON object {"tag": revision number}.
+ALTER TABLE services ADD COLUMN tags TEXT NOT NULL DEFAULT '{}';

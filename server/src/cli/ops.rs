@@ -1,0 +1,109 @@
+//! Client commands for a service's traffic: `berth traffic NAME REV=PERCENT...`,
+//! `berth tag NAME REV TAG`, `berth untag NAME TAG`.
+
+use std::path::Path;
+
+use anyhow::{bail, Result};
+use serde_json::Value;
+
+use super::client::{service_name, Client, Conn};
+
+#[derive(Debug, clap::Args)]
+pub struct TrafficArgs {
+    pub name: String,
+    /// Shares like `1=90 2=10` (revision=percent, adding up to 100); none: show the split.
+    #[arg(value_name = "REV=PERCENT")]
+    pub split: Vec<String>,
+}
+
+/// Parses `REV=PERCENT` arguments into the API's `traffic` array.
+pub fn parse_split(args: &[String]) -> Result<Vec<Value>> {
+    let mut out = Vec::new();
+    for a in args {
+        let Some((rev, pct)) = a.split_once('=') else {
+            bail!("{a:?}: expected REV=PERCENT, like 2=10");
+        };
+        let rev: i64 = rev.trim().parse().map_err(|_| anyhow::anyhow!("{a:?}: {rev:?} is not a revision number"))?;
+        let pct = pct.trim().trim_end_matches('%');
+        let pct: u32 = pct.parse().map_err(|_| anyhow::anyhow!("{a:?}: {pct:?} is not a percentage from 0 to 100"))?;
+        out.push(serde_json::json!({ "revision": rev, "percent": pct }));
+    }
+    Ok(out)
+}
+
+fn print(conn: &Conn, v: &Value) {
+    if conn.json {
+        println!("{v}");
+        return;
+    }
+    for t in v["traffic"].as_array().into_iter().flatten() {
+        println!("revision {:<6} {:>3}%", t["revision"], t["percent"]);
+    }
+    for (tag, t) in v["tags"].as_object().into_iter().flatten() {
+        println!("tag {tag:<16} revision {:<6} {}", t["revision"], t["url"].as_str().unwrap_or(""));
+    }
+}
+
+pub fn traffic(conn: &Conn, data_dir: &Path, a: &TrafficArgs) -> Result<i32> {
+    service_name(&a.name)?;
+    let c = Client::new(conn, data_dir)?;
+    let path = format!("/services/{}/traffic", a.name);
+    let v = if a.split.is_empty() {
+        crate::cli::runtime().block_on(c.json(c.req(reqwest::Method::GET, &path)))?
+    } else {
+        let body = serde_json::json!({ "traffic": parse_split(&a.split)? });
+        crate::cli::runtime().block_on(c.json(c.req(reqwest::Method::PUT, &path).json(&body)))?
+    };
+    print(conn, &v);
+    Ok(0)
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TagArgs {
+    pub name: String,
+    /// The revision the tag names.
+    pub revision: i64,
+    /// The tag: the revision answers at <tag>--<name>.<domain>.
+    pub tag: String,
+}
+
+pub fn tag(conn: &Conn, data_dir: &Path, a: &TagArgs) -> Result<i32> {
+    service_name(&a.name)?;
+    let c = Client::new(conn, data_dir)?;
+    let path = format!("/services/{}/tags/{}", a.name, a.tag);
+    let body = serde_json::json!({ "revision": a.revision });
+    let v = crate::cli::runtime().block_on(c.json(c.req(reqwest::Method::PUT, &path).json(&body)))?;
+    if conn.json {
+        println!("{v}");
+    } else {
+        let url = v["tags"][&a.tag]["url"].as_str().unwrap_or("");
+        println!("{} revision {} is tagged {}: {url}", a.name, a.revision, a.tag);
+    }
+    Ok(0)
+}
+
+pub fn untag(conn: &Conn, data_dir: &Path, name: &str, tag: &str) -> Result<i32> {
+    service_name(name)?;
+    let c = Client::new(conn, data_dir)?;
+    let path = format!("/services/{name}/tags/{tag}");
+    crate::cli::runtime().block_on(c.send(c.req(reqwest::Method::DELETE, &path)))?;
+    if !conn.json {
+        println!("{name}: tag {tag} removed");
+    }
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits() {
+        let v = parse_split(&["1=90".into(), "2=10%".into()]).unwrap();
+        assert_eq!(v[1], serde_json::json!({"revision": 2, "percent": 10}));
+        for (bad, want) in [("1", "expected REV=PERCENT"), ("x=5", "not a revision"), ("1=-5", "not a percentage")] {
+            let err = parse_split(&[bad.into()]).unwrap_err().to_string();
+            assert!(err.contains(want), "{bad}: {err}");
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! End to end: operating services on a real `berth server` — traffic splits and tags,
+//! autoscaling under real load, and deploys and rollbacks under load.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use berth_tests::server::{request, Server};
+use berth_tests::Berth;
+use serde_json::{json, Value};
+
+fn python() -> String {
+    berth_tests::world().image("anon", "python")
+}
+
+fn deploy(s: &Server, b: &Berth, name: &str, extra: &[&str]) -> String {
+    let image = python();
+    let mut args = vec!["deploy", name, "--image", image.as_str(), "--wait"];
+    args.extend_from_slice(extra);
+    s.cli_ok(b, &args)
+}
+
+fn ready(svc: &Value) -> usize {
+    svc["instances"].as_array().unwrap().iter().filter(|i| i["state"] == "ready").count()
+}
+
+/// The revision that answered a request (the app prints its BERTH_REVISION).
+fn revision_of(s: &Server, host: &str) -> String {
+    let r = request(s.http, "GET", host, "/env/BERTH_REVISION", &[], b"").expect("a request through the proxy");
+    assert_eq!(r.status, 200, "{host}: {}", r.text());
+    r.text()
+}
+
+#[test]
+fn a_90_10_split_sends_a_tenth_to_the_second_revision_and_its_tag_reaches_it_alone() {
+    let b = Berth::new();
+    let s = Server::start(&b, &[]);
+    deploy(&s, &b, "split", &["--env", "V=one"]);
+    deploy(&s, &b, "split", &["--env", "V=two"]);
+    let out = s.cli_ok(&b, &["traffic", "split", "1=90", "2=10"]);
+    assert!(out.contains("revision 1") && out.contains("90%") && out.contains("10%"), "{out}");
+    let out = s.cli_ok(&b, &["tag", "split", "2", "canary"]);
+    assert!(out.contains("http://canary--split.test.local"), "{out}");
+
+    let host = format!("split.{}", s.domain);
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for _ in 0..1000 {
+        *counts.entry(revision_of(&s, &host)).or_default() += 1;
+    }
+    let second = counts.get("2").copied().unwrap_or(0);
+    assert!((80..=120).contains(&second), "about 10% to revision 2: {counts:?}");
+    assert_eq!(counts.values().sum::<usize>(), 1000);
+    assert_eq!(counts.len(), 2, "{counts:?}");
+
+    let tagged = format!("canary--split.{}", s.domain);
+    for _ in 0..50 {
+        assert_eq!(revision_of(&s, &tagged), "2");
+    }
+    // Mixed case and a trailing dot route the same.
+    assert_eq!(revision_of(&s, &format!("CANARY--Split.{}.", s.domain)), "2");
+    let r = request(s.http, "GET", &format!("nope--split.{}", s.domain), "/", &[], b"").unwrap();
+    assert_eq!((r.status, r.header("berth-error")), (404, Some("unknown-host")));
+
+    let list = s.cli_ok(&b, &["revisions", "split"]);
+    assert!(list.lines().any(|l| l.contains("canary") && l.contains("10%")), "{list}");
+    // Bad splits are refused with the reason, and change nothing.
+    for (args, want) in [
+        (&["traffic", "split", "1=90", "2=20"][..], "add up to 110, not 100"),
+        (&["traffic", "split", "1=50", "1=50"][..], "listed twice"),
+        (&["traffic", "split", "7=100"][..], "has no revision 7"),
+        (&["traffic", "split", "1=ninety"][..], "not a percentage"),
+        (&["tag", "split", "9", "x"][..], "has no revision 9"),
+        (&["tag", "split", "1", "Bad_Tag"][..], "tag: \"Bad_Tag\""),
+    ] {
+        let out = s.cli(&b, args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    let t = s.call("GET", "/api/v1/services/split/traffic", None).json();
+    assert_eq!(t["traffic"], json!([{"revision": 1, "percent": 90}, {"revision": 2, "percent": 10}]));
+
+    // The split and the tag survive a restart.
+    let mut s = s;
+    s.stop();
+    s.restart(&b);
+    assert_eq!(revision_of(&s, &tagged), "2");
+    let mut seen = BTreeMap::<String, usize>::new();
+    for _ in 0..100 {
+        *seen.entry(revision_of(&s, &host)).or_default() += 1;
+    }
+    assert_eq!(seen.get("2"), Some(&10), "smooth round robin after a restart: {seen:?}");
+
+    // All to revision 2 again, the tag removed: revision 1's instances drain and exit.
+    s.cli_ok(&b, &["traffic", "split", "2=100"]);
+    s.cli_ok(&b, &["untag", "split", "canary"]);
+    let r = request(s.http, "GET", &tagged, "/", &[], b"").unwrap();
+    assert_eq!(r.status, 404);
+    s.wait_service("split", Duration::from_secs(20), "revision 1 drained", |v| {
+        v["instances"].as_array().unwrap().iter().all(|i| i["revision"] == 2)
+    });
+}
+
+/// `clients` threads send `path` in a loop until `stop`; returns every status seen.
+fn load(
+    s: &Server,
+    host: &str,
+    path: &str,
+    clients: usize,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Vec<u16>> {
+    let (port, host, path) = (s.http, host.to_string(), path.to_string());
+    std::thread::spawn(move || {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let workers: Vec<_> = (0..clients)
+            .map(|_| {
+                let (stop, seen, host, path) = (stop.clone(), seen.clone(), host.clone(), path.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        let status = match request(port, "GET", &host, &path, &[], b"") {
+                            Ok(r) => r.status,
+                            Err(_) => 0,
+                        };
+                        seen.lock().unwrap().push(status);
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().unwrap();
+        }
+        Arc::try_unwrap(seen).unwrap().into_inner().unwrap()
+    })
+}
+
+#[test]
+fn three_times_the_target_runs_three_instances_and_calm_returns_to_min() {
+    let b = Berth::new();
+    let s = Server::start(&b, &[]);
+    deploy(&s, &b, "auto", &[]);
+    s.cli_ok(&b, &["scale", "auto", "--min", "1", "--concurrency", "10", "--target", "2", "--stable-window", "4s"]);
+    s.wait_service("auto", Duration::from_secs(20), "min 1", |v| ready(v) == 1);
+    // Six clients, each with one slow request in flight at a time: 3x the target of 2.
+    let stop = Arc::new(AtomicBool::new(false));
+    let host = format!("auto.{}", s.domain);
+    let gen = load(&s, &host, "/sleep/200", 6, stop.clone());
+    let mut most = 0;
+    let mut trace = Vec::new();
+    let end = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < end {
+        let v = s.service("auto");
+        most = most.max(ready(&v));
+        let line: Vec<String> = v["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| format!("{}:{}:{}", &i["id"].as_str().unwrap_or("-----")[..5], i["state"], i["in_flight"]))
+            .collect();
+        trace.push(line.join(" "));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let v = s.service("auto");
+    stop.store(true, Ordering::Relaxed);
+    let statuses = gen.join().unwrap();
+    assert_eq!(ready(&v), 3, "{v:#}");
+    assert_eq!(most, 3, "never more than 3");
+    let per: Vec<u64> = v["instances"].as_array().unwrap().iter().map(|i| i["in_flight"].as_u64().unwrap()).collect();
+    assert!(per.iter().all(|&n| n <= 3), "least-loaded routing spreads the six: {per:?}\n{}", trace.join("\n"));
+    assert!(statuses.iter().all(|&c| c == 200), "{:?}", statuses.iter().filter(|&&c| c != 200).collect::<Vec<_>>());
+    // Calm: back to min once the stable window has passed.
+    s.wait_service("auto", Duration::from_secs(15), "back to min", |v| {
+        ready(v) == 1 && v["instances"].as_array().unwrap().len() == 1
+    });
+}
+
+#[test]
+fn deploy_and_rollback_under_load_answer_every_request_and_the_drained_revision_exits() {
+    let b = Berth::new();
+    let s = Server::start(&b, &[]);
+    deploy(&s, &b, "busy", &["--env", "V=one"]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let host = format!("busy.{}", s.domain);
+    let gen = load(&s, &host, "/env/V", 4, stop.clone());
+    std::thread::sleep(Duration::from_millis(500));
+    deploy(&s, &b, "busy", &["--env", "V=two"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let out = s.cli_ok(&b, &["rollback", "busy"]);
+    assert!(out.contains("revision 1 is serving"), "{out}");
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let statuses = gen.join().unwrap();
+    let bad: Vec<&u16> = statuses.iter().filter(|&&c| !(200..300).contains(&c)).collect();
+    assert!(statuses.len() > 100, "the load ran: {} requests", statuses.len());
+    assert!(bad.is_empty(), "{} of {} requests failed: {bad:?}\n{}", bad.len(), statuses.len(), s.log_text());
+    assert_eq!(s.get("busy", "/env/V").text(), "one");
+    // Revision 2's instance drained and exited.
+    s.wait_service("busy", Duration::from_secs(20), "revision 2 drained", |v| {
+        v["instances"].as_array().unwrap().iter().all(|i| i["revision"] == 1)
+    });
+    let v: Value = serde_json::from_str(&b.ok(&["container", "ls", "--json"])).unwrap();
+    let running: Vec<&Value> =
+        v.as_array().unwrap().iter().filter(|c| c["spec"]["labels"]["berth.revision"] == "2").collect();
+    assert!(running.is_empty(), "no container of revision 2 runs: {running:?}");
+}
