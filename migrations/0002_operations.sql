@@ -8,3 +8,8 @@ ALTER TABLE services ADD COLUMN stable_window_ms INTEGER NOT NULL DEFAULT 60000;
 ALTER TABLE services ADD COLUMN traffic TEXT;
 -- A JSON object {"tag": revision number}.
 ALTER TABLE services ADD COLUMN tags TEXT NOT NULL DEFAULT '{}';
+
+-- Secret variables: a JSON object {"NAME": sealed value} (see server/src/server/secrets.rs);
+-- values are never stored in plain text.
+ALTER TABLE services ADD COLUMN secrets TEXT NOT NULL DEFAULT '{}';
+ALTER TABLE revisions ADD COLUMN secrets TEXT NOT NULL DEFAULT '{}';

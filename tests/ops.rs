@@ -203,3 +203,88 @@ fn deploy_and_rollback_under_load_answer_every_request_and_the_drained_revision_
         v.as_array().unwrap().iter().filter(|c| c["spec"]["labels"]["berth.revision"] == "2").collect();
     assert!(running.is_empty(), "no container of revision 2 runs: {running:?}");
 }
+
+#[test]
+fn env_changes_roll_out_and_a_secret_reaches_the_app_but_nothing_shows_it() {
+    const SECRET: &str = "s3cr3t-Value-9f8e7d";
+    let b = Berth::new();
+    let mut s = Server::start(&b, &[]);
+    deploy(&s, &b, "sec", &["--env", "A=1"]);
+    let mut outputs = Vec::new();
+    let mut run = |s: &Server, args: &[&str]| {
+        let out = s.cli(&b, args);
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        outputs.push(text.clone());
+        (out.status.code(), text)
+    };
+    let (code, out) = run(&s, &["env", "sec", "set", "B=2"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("revision 2 is serving"), "an env change is a new revision: {out}");
+    assert_eq!((s.get("sec", "/env/A").text(), s.get("sec", "/env/B").text()), ("1".into(), "2".into()));
+    let (code, out) = run(&s, &["env", "sec", "set", "--secret", &format!("TOKEN={SECRET}")]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(s.get("sec", "/env/TOKEN").text(), SECRET, "the secret reaches the container's env");
+    let (_, ls) = run(&s, &["env", "sec", "ls"]);
+    assert!(ls.contains("A=1") && ls.contains("B=2") && ls.contains("TOKEN=<secret>"), "{ls}");
+    // Unset, and a change that fails: the old revision serves and the stored env is unchanged.
+    let (code, out) = run(&s, &["env", "sec", "unset", "A"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(s.get("sec", "/env/A").status, 404);
+    let (code, out) = run(&s, &["env", "sec", "set", "BIND=no.such.host.invalid"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert_eq!(s.get("sec", "/env/TOKEN").text(), SECRET);
+    let (_, ls) = run(&s, &["env", "sec", "ls"]);
+    assert!(!ls.contains("BIND"), "a failed change is not stored: {ls}");
+    for (args, want) in [
+        (&["env", "sec", "unset", "NOPE"][..], "NOPE is neither a variable nor a secret"),
+        (&["env", "sec", "set", "--secret", "PORT=1"][..], "PORT cannot be a secret"),
+        (&["env", "nope", "ls"][..], "no service named"),
+    ] {
+        let (code, err) = run(&s, args);
+        assert_eq!(code, Some(1), "{args:?}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    // Every way of looking at the service shows the name, never the value.
+    for args in [
+        &["services", "--json"][..],
+        &["revisions", "sec", "--json"],
+        &["revisions", "sec"],
+        &["env", "sec", "ls", "--json"],
+    ] {
+        let (code, out) = run(&s, args);
+        assert_eq!(code, Some(0), "{args:?}: {out}");
+    }
+    let mut api = Vec::new();
+    for path in [
+        "/api/v1/services",
+        "/api/v1/services/sec",
+        "/api/v1/services/sec/revisions",
+        "/api/v1/services/sec/env",
+        "/api/v1/services/sec/deploys",
+        "/api/v1/services/sec/instances",
+        "/api/v1/services/sec/traffic",
+    ] {
+        let r = s.call("GET", path, None);
+        assert_eq!(r.status, 200, "{path}");
+        api.push(r.text());
+    }
+    assert!(api[3].contains("\"TOKEN\""), "the env view names the secret: {}", api[3]);
+    // The server keeps working after a restart: the key opens the stored secrets.
+    s.stop();
+    s.restart(&b);
+    assert_eq!(s.get("sec", "/env/TOKEN").text(), SECRET);
+    let log = s.log_text();
+    let db: Vec<u8> = ["berth.db", "berth.db-wal"]
+        .iter()
+        .flat_map(|f| std::fs::read(b.data_dir().join(f)).unwrap_or_default())
+        .collect();
+    for (what, text) in outputs
+        .iter()
+        .map(|o| ("CLI output", o.as_str()))
+        .chain(api.iter().map(|a| ("API", a.as_str())))
+        .chain([("Berth's log", log.as_str())])
+    {
+        assert!(!text.contains(SECRET), "the secret shows in the {what}: {text}");
+    }
+    assert!(!db.windows(SECRET.len()).any(|w| w == SECRET.as_bytes()), "the database holds the secret in plain text");
+}

@@ -98,6 +98,14 @@ pub enum Command {
         #[command(flatten)]
         conn: client::Conn,
     },
+    /// A service's variables and secrets: `berth env NAME set K=V...`, `unset K...`, `ls`.
+    Env {
+        name: String,
+        #[command(subcommand)]
+        cmd: ops::EnvCommand,
+        #[command(flatten)]
+        conn: client::Conn,
+    },
     /// Delete a service: its instances stop, its route goes.
     Rm {
         name: String,
@@ -181,6 +189,7 @@ pub fn main() -> i32 {
         Command::Traffic { args, conn } => Some(ops::traffic(conn, &cli.data_dir, args)),
         Command::Tag { args, conn } => Some(ops::tag(conn, &cli.data_dir, args)),
         Command::Untag { name, tag, conn } => Some(ops::untag(conn, &cli.data_dir, name, tag)),
+        Command::Env { name, cmd, conn } => Some(ops::env(conn, &cli.data_dir, name, cmd)),
         _ => None,
     };
     if let Some(r) = client_result {
@@ -223,7 +232,8 @@ pub fn main() -> i32 {
         | Command::Rollback { .. }
         | Command::Traffic { .. }
         | Command::Tag { .. }
-        | Command::Untag { .. } => unreachable!("handled above"),
+        | Command::Untag { .. }
+        | Command::Env { .. } => unreachable!("handled above"),
     };
     match result {
         Ok(code) => code,

@@ -18,6 +18,7 @@ pub mod logs;
 pub mod platform;
 pub mod proxy;
 pub mod scaling;
+pub mod secrets;
 pub mod settings;
 pub mod token;
 
@@ -134,6 +135,7 @@ async fn serve(data_dir: &Path, cfg: berth_agent::Config, settings: Settings) ->
         domain: settings.domain.clone(),
         control_host: settings.control_host.clone(),
         http_port,
+        keys: secrets::Keyring::load_or_create(data_dir)?,
     };
     let adopted = load_services(&state).await?;
     let executor = instance::Executor {
@@ -205,14 +207,14 @@ async fn load_services(state: &api::AppState) -> anyhow::Result<usize> {
             s.name.clone(),
             s.id,
             s.scaling,
-            rev.as_ref().map(to_live_revision),
+            rev.as_ref().map(|r| to_live_revision(&state.keys, &s.name, r)).transpose()?,
             state.actions.clone(),
         );
         if let Some(traffic) = &s.traffic {
             let mut split = Vec::new();
             for t in traffic {
                 match db::get_revision(&state.db, s.id, t.revision).await? {
-                    Some(r) => split.push((to_live_revision(&r), t.percent)),
+                    Some(r) => split.push((to_live_revision(&state.keys, &s.name, &r)?, t.percent)),
                     None => anyhow::bail!(
                         "service {}: its traffic names revision {}, which does not exist",
                         s.name,
@@ -224,7 +226,7 @@ async fn load_services(state: &api::AppState) -> anyhow::Result<usize> {
         }
         for (tag, &n) in &s.tags {
             if let Some(r) = db::get_revision(&state.db, s.id, n).await? {
-                live.set_tag(tag, Some(to_live_revision(&r)));
+                live.set_tag(tag, Some(to_live_revision(&state.keys, &s.name, &r)?));
             }
         }
         state.platform.insert(live);
@@ -263,15 +265,21 @@ async fn load_services(state: &api::AppState) -> anyhow::Result<usize> {
     Ok(adopted)
 }
 
-pub fn to_live_revision(r: &db::Revision) -> platform::Revision {
-    platform::Revision {
+/// A stored revision of `service` as instances run it: its secrets opened.
+pub fn to_live_revision(
+    keys: &secrets::Keyring,
+    service: &str,
+    r: &db::Revision,
+) -> anyhow::Result<platform::Revision> {
+    Ok(platform::Revision {
         number: r.number,
         image: r.image.clone(),
         image_id: r.image_id.clone(),
         port: r.port,
         env: r.env.clone(),
+        secrets: keys.open_all(service, &r.secrets)?,
         health_path: r.health_path.clone(),
-    }
+    })
 }
 
 async fn ticker(platform: Arc<platform::Platform>) {

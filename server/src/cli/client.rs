@@ -185,7 +185,7 @@ fn client_file() -> Result<ClientFile> {
     }
 }
 
-fn env_map(pairs: &[String]) -> Result<serde_json::Map<String, Value>> {
+pub(super) fn env_map(pairs: &[String]) -> Result<serde_json::Map<String, Value>> {
     let mut m = serde_json::Map::new();
     for kv in pairs {
         match kv.split_once('=') {
@@ -229,7 +229,7 @@ pub fn deploy(conn: &Conn, data_dir: &Path, a: &DeployArgs) -> Result<i32> {
 
 /// POSTs a deploy (or rollback) asking for its NDJSON progress; prints the progress to stderr
 /// and the outcome; returns 0 if it succeeded, 1 if it failed.
-async fn follow_deploy(c: &Client, conn: &Conn, name: &str, path: &str, body: &Value) -> Result<i32> {
+pub(super) async fn follow_deploy(c: &Client, conn: &Conn, name: &str, path: &str, body: &Value) -> Result<i32> {
     let resp = c.send(c.req(reqwest::Method::POST, path).header("accept", "application/x-ndjson").json(body)).await?;
     let mut stream = resp.bytes_stream();
     let mut buf = Vec::new();

@@ -1,12 +1,13 @@
-//! Client commands for a service's traffic: `berth traffic NAME REV=PERCENT...`,
-//! `berth tag NAME REV TAG`, `berth untag NAME TAG`.
+//! Client commands that operate a service: its traffic (`berth traffic NAME REV=PERCENT...`,
+//! `berth tag NAME REV TAG`, `berth untag NAME TAG`) and variables (`berth env NAME
+//! set|unset|ls`).
 
 use std::path::Path;
 
 use anyhow::{bail, Result};
 use serde_json::Value;
 
-use super::client::{service_name, Client, Conn};
+use super::client::{env_map, follow_deploy, service_name, Client, Conn};
 
 #[derive(Debug, clap::Args)]
 pub struct TrafficArgs {
@@ -91,6 +92,76 @@ pub fn untag(conn: &Conn, data_dir: &Path, name: &str, tag: &str) -> Result<i32>
         println!("{name}: tag {tag} removed");
     }
     Ok(0)
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum EnvCommand {
+    /// List the variables, and the names of the secrets (never their values).
+    Ls,
+    /// Set variables (`K=V`, or `K` for this shell's value) and roll out a new revision.
+    Set {
+        /// Store them as secrets: sealed at rest, never shown back.
+        #[arg(long)]
+        secret: bool,
+        #[arg(value_name = "K=V", required = true)]
+        vars: Vec<String>,
+    },
+    /// Remove variables or secrets and roll out a new revision.
+    Unset {
+        #[arg(value_name = "K", required = true)]
+        names: Vec<String>,
+    },
+}
+
+pub fn env(conn: &Conn, data_dir: &Path, name: &str, cmd: &EnvCommand) -> Result<i32> {
+    service_name(name)?;
+    let c = Client::new(conn, data_dir)?;
+    let path = format!("/services/{name}/env");
+    let body = match cmd {
+        EnvCommand::Ls => {
+            let v = crate::cli::runtime().block_on(c.json(c.req(reqwest::Method::GET, &path)))?;
+            if conn.json {
+                println!("{v}");
+                return Ok(0);
+            }
+            for (k, v) in v["env"].as_object().into_iter().flatten() {
+                println!("{k}={}", v.as_str().unwrap_or(""));
+            }
+            for k in v["secrets"].as_array().into_iter().flatten() {
+                println!("{}=<secret>", k.as_str().unwrap_or(""));
+            }
+            return Ok(0);
+        }
+        EnvCommand::Set { secret, vars } => {
+            let vars = env_map(vars)?;
+            if *secret {
+                serde_json::json!({ "secrets": vars })
+            } else {
+                serde_json::json!({ "env": vars })
+            }
+        }
+        EnvCommand::Unset { names } => {
+            for n in names {
+                if n.is_empty() || n.contains('=') {
+                    bail!("{n:?}: give the variable's name only");
+                }
+            }
+            serde_json::json!({ "unset_env": names, "unset_secrets": names })
+        }
+    };
+    crate::cli::runtime().block_on(async {
+        let svc = c.json(c.req(reqwest::Method::GET, &format!("/services/{name}"))).await?;
+        if svc["revision"].is_null() {
+            let v = c.json(c.req(reqwest::Method::POST, &path).json(&body)).await?;
+            if conn.json {
+                println!("{v}");
+            } else {
+                println!("{name}: stored; the first deploy uses it");
+            }
+            return Ok(0);
+        }
+        follow_deploy(&c, conn, name, &path, &body).await
+    })
 }
 
 #[cfg(test)]

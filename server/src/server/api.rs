@@ -9,6 +9,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use sqlx::SqlitePool;
 
+mod env;
 mod services;
 mod traffic;
 
@@ -26,6 +27,8 @@ pub struct AppState {
     pub control_host: String,
     /// The proxy's port, for the URLs the API shows (omitted when 80).
     pub http_port: u16,
+    /// Seals and opens secret variables.
+    pub keys: super::secrets::Keyring,
 }
 
 impl AppState {

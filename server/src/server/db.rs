@@ -41,6 +41,8 @@ pub struct Service {
     pub name: String,
     pub port: Option<u16>,
     pub env: BTreeMap<String, String>,
+    /// Secret variables, sealed (see [`super::secrets`]).
+    pub secrets: BTreeMap<String, String>,
     pub health_path: Option<String>,
     pub scaling: Scaling,
     /// The revision the last deploy or rollback put in service.
@@ -53,7 +55,7 @@ pub struct Service {
     pub updated_at: String,
 }
 
-const SERVICE_COLUMNS: &str = "id, name, port, env, health_path, min, max, concurrency, freeze_after_ms, \
+const SERVICE_COLUMNS: &str = "id, name, port, env, secrets, health_path, min, max, concurrency, freeze_after_ms, \
                                stop_after_ms, request_timeout_ms, queue, target, stable_window_ms, revision, traffic, tags, \
                                created_at, updated_at";
 
@@ -79,6 +81,7 @@ fn service_from_row(row: &SqliteRow) -> anyhow::Result<Service> {
         id: row.try_get("id")?,
         port: port.map(u16::try_from).transpose().with_context(|| format!("service {name}: stored port"))?,
         env,
+        secrets: env_from(&name, &row.try_get::<String, _>("secrets")?)?,
         health_path: row.try_get("health_path")?,
         scaling: Scaling {
             min: u32_of("min")?,
@@ -140,13 +143,14 @@ pub async fn insert_service(pool: &SqlitePool, s: &Service) -> Result<i64, Inser
     let env = serde_json::to_string(&s.env).map_err(|e| InsertError::Other(e.into()))?;
     let sc = &s.scaling;
     let q = sqlx::query(
-        "INSERT INTO services (name, port, env, health_path, min, max, concurrency, freeze_after_ms, \
+        "INSERT INTO services (name, port, env, secrets, health_path, min, max, concurrency, freeze_after_ms, \
          stop_after_ms, request_timeout_ms, queue, target, stable_window_ms, revision, created_at, updated_at) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?)",
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?)",
     )
     .bind(&s.name)
     .bind(s.port.map(i64::from))
     .bind(env)
+    .bind(serde_json::to_string(&s.secrets).map_err(|e| InsertError::Other(e.into()))?)
     .bind(&s.health_path);
     let result = bind_scaling(q, sc).bind(&s.created_at).bind(&s.updated_at).execute(pool).await;
     match result {
@@ -173,18 +177,14 @@ pub async fn list_services(pool: &SqlitePool) -> anyhow::Result<Vec<Service>> {
     rows.iter().map(service_from_row).collect()
 }
 
-/// Sets what the next deploy of a service uses.
-pub async fn set_service_config(
-    pool: &SqlitePool,
-    id: i64,
-    port: Option<u16>,
-    env: &BTreeMap<String, String>,
-    health_path: Option<&str>,
-) -> anyhow::Result<()> {
-    sqlx::query("UPDATE services SET port = ?, env = ?, health_path = ?, updated_at = ? WHERE id = ?")
-        .bind(port.map(i64::from))
-        .bind(serde_json::to_string(env)?)
-        .bind(health_path)
+/// Sets what the next deploy of a service uses (its port, env, secrets, health path).
+pub async fn set_service_config(pool: &SqlitePool, s: &Service) -> anyhow::Result<()> {
+    let id = s.id;
+    sqlx::query("UPDATE services SET port = ?, env = ?, secrets = ?, health_path = ?, updated_at = ? WHERE id = ?")
+        .bind(s.port.map(i64::from))
+        .bind(serde_json::to_string(&s.env)?)
+        .bind(serde_json::to_string(&s.secrets)?)
+        .bind(&s.health_path)
         .bind(now())
         .bind(id)
         .execute(pool)
@@ -226,12 +226,14 @@ pub struct Revision {
     pub image_id: String,
     pub port: u16,
     pub env: BTreeMap<String, String>,
+    /// Sealed, as the service's were when the revision was made.
+    pub secrets: BTreeMap<String, String>,
     pub health_path: Option<String>,
     pub created_at: String,
     pub served_at: Option<String>,
 }
 
-const REVISION_COLUMNS: &str = "number, image, image_id, port, env, health_path, created_at, served_at";
+const REVISION_COLUMNS: &str = "number, image, image_id, port, env, secrets, health_path, created_at, served_at";
 
 fn revision_from_row(row: &SqliteRow) -> anyhow::Result<Revision> {
     let env: String = row.try_get("env")?;
@@ -242,6 +244,7 @@ fn revision_from_row(row: &SqliteRow) -> anyhow::Result<Revision> {
         image_id: row.try_get("image_id")?,
         port: u16::try_from(port).context("stored revision port")?,
         env: env_from("revision", &env)?,
+        secrets: env_from("revision", &row.try_get::<String, _>("secrets")?)?,
         health_path: row.try_get("health_path")?,
         created_at: row.try_get("created_at")?,
         served_at: row.try_get("served_at")?,
@@ -269,29 +272,29 @@ pub async fn get_revision(pool: &SqlitePool, service_id: i64, number: i64) -> an
     row.as_ref().map(revision_from_row).transpose()
 }
 
-/// Records a new revision of a service; returns it with its number (one more than the last).
+/// Records a new revision of service `s` (with its env, secrets and health path); returns it
+/// with its number (one more than the last).
 pub async fn insert_revision(
     pool: &SqlitePool,
-    service_id: i64,
+    s: &Service,
     image: &str,
     image_id: &str,
     port: u16,
-    env: &BTreeMap<String, String>,
-    health_path: Option<&str>,
 ) -> anyhow::Result<Revision> {
     let created_at = now();
     let row = sqlx::query(
-        "INSERT INTO revisions (service_id, number, image, image_id, port, env, health_path, created_at) \
-         VALUES (?, (SELECT COALESCE(MAX(number), 0) + 1 FROM revisions WHERE service_id = ?), ?, ?, ?, ?, ?, ?) \
+        "INSERT INTO revisions (service_id, number, image, image_id, port, env, secrets, health_path, created_at) \
+         VALUES (?, (SELECT COALESCE(MAX(number), 0) + 1 FROM revisions WHERE service_id = ?), ?, ?, ?, ?, ?, ?, ?) \
          RETURNING number",
     )
-    .bind(service_id)
-    .bind(service_id)
+    .bind(s.id)
+    .bind(s.id)
     .bind(image)
     .bind(image_id)
     .bind(i64::from(port))
-    .bind(serde_json::to_string(env)?)
-    .bind(health_path)
+    .bind(serde_json::to_string(&s.env)?)
+    .bind(serde_json::to_string(&s.secrets)?)
+    .bind(&s.health_path)
     .bind(&created_at)
     .fetch_one(pool)
     .await
@@ -301,8 +304,9 @@ pub async fn insert_revision(
         image: image.to_string(),
         image_id: image_id.to_string(),
         port,
-        env: env.clone(),
-        health_path: health_path.map(str::to_string),
+        env: s.env.clone(),
+        secrets: s.secrets.clone(),
+        health_path: s.health_path.clone(),
         created_at,
         served_at: None,
     })
@@ -392,7 +396,7 @@ pub struct Deploy {
     pub finished_at: Option<String>,
     /// The name of the token that asked for it.
     pub by: String,
-    /// `deploy` or `rollback`.
+    /// `deploy` (a new image), `config` (new settings: `berth env`) or `rollback`.
     pub kind: String,
 }
 

@@ -20,11 +20,13 @@ use super::platform::Service;
 /// Instances started for held requests get as long.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// What a deploy puts in service: a new image (a new revision), or an earlier revision again
-/// (a rollback: no pull, no new revision, the stored settings stay as they are).
+/// What a deploy puts in service: a new image (a new revision), the image of revision N with
+/// the service's changed settings (a new revision, no pull: `berth env`), or an earlier
+/// revision again (a rollback: no pull, no new revision, the stored settings stay as they are).
 #[derive(Debug, Clone)]
 pub enum Source {
     Image(Reference),
+    Config(i64),
     Revision(i64),
 }
 
@@ -32,6 +34,7 @@ impl std::fmt::Display for Source {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Source::Image(r) => write!(f, "{r}"),
+            Source::Config(n) => write!(f, "revision {n}'s image with new settings"),
             Source::Revision(n) => write!(f, "revision {n}"),
         }
     }
@@ -125,20 +128,29 @@ async fn steps(
     };
     let rev = match source {
         Source::Image(reference) => new_revision(state, service, id, reference, events).await?,
-        Source::Revision(n) => {
-            let rev = db::get_revision(&state.db, service.id, *n)
+        Source::Config(n) => {
+            let base = stored_revision(state, service, *n).await?;
+            let (engine, image_id) = (state.engine.clone(), base.image_id.clone());
+            let exposed =
+                tokio::task::spawn_blocking(move || engine.images().get(&image_id).map(|i| i.config.exposed_ports))
+                    .await
+                    .map_err(|e| format!("reading the image: {e}"))?
+                    .map_err(|e| format!("revision {n}'s image {}: {e}", base.image))?;
+            let port = choose_port(service.port, &service.env, &exposed)?;
+            let rev = db::insert_revision(&state.db, service, &base.image, &base.image_id, port)
                 .await
-                .map_err(|e| format!("{e:#}"))?
-                .ok_or_else(|| format!("service {} has no revision {n}", service.name))?;
-            let (engine, image_id) = (state.engine.clone(), rev.image_id.clone());
-            let present =
-                tokio::task::spawn_blocking(move || engine.images().get(&image_id).is_ok()).await.unwrap_or(false);
-            if !present {
-                return Err(format!(
-                    "revision {n}'s image {} ({}) is no longer in the image store; deploy it again",
-                    rev.image, rev.image_id
-                ));
-            }
+                .map_err(|e| format!("{e:#}"))?;
+            db::update_deploy(&state.db, id, "starting", Some(rev.number), None, false)
+                .await
+                .map_err(|e| format!("{e:#}"))?;
+            say(format!(
+                "revision {} (revision {n}'s image, new settings): starting an instance on port {port}",
+                rev.number
+            ));
+            rev
+        }
+        Source::Revision(n) => {
+            let rev = stored_revision(state, service, *n).await?;
             db::update_deploy(&state.db, id, "starting", Some(rev.number), None, false)
                 .await
                 .map_err(|e| format!("{e:#}"))?;
@@ -146,7 +158,7 @@ async fn steps(
             rev
         }
     };
-    let revision = super::to_live_revision(&rev);
+    let revision = super::to_live_revision(&state.keys, &service.name, &rev).map_err(|e| format!("{e:#}"))?;
     let (tx, rx) = oneshot::channel();
     live.start_candidate(revision.clone(), timeout, tx);
     match rx.await {
@@ -157,16 +169,31 @@ async fn steps(
     if live.is_deleted() {
         return Err(format!("service {} was deleted during the deploy", service.name));
     }
-    if matches!(source, Source::Image(_)) {
+    if !matches!(source, Source::Revision(_)) {
         // Only now do the deploy's settings become the service's (a rollback keeps them).
-        db::set_service_config(&state.db, service.id, service.port, &service.env, service.health_path.as_deref())
-            .await
-            .map_err(|e| format!("{e:#}"))?;
+        db::set_service_config(&state.db, service).await.map_err(|e| format!("{e:#}"))?;
     }
     db::set_current_revision(&state.db, service.id, rev.number).await.map_err(|e| format!("{e:#}"))?;
     live.switch(revision);
     say(format!("revision {} is serving at {}", rev.number, state.url(&service.name)));
     Ok(rev.number)
+}
+
+/// Revision `n` of `service`, whose image must still be in the store.
+async fn stored_revision(state: &AppState, service: &db::Service, n: i64) -> Result<db::Revision, String> {
+    let rev = db::get_revision(&state.db, service.id, n)
+        .await
+        .map_err(|e| format!("{e:#}"))?
+        .ok_or_else(|| format!("service {} has no revision {n}", service.name))?;
+    let (engine, image_id) = (state.engine.clone(), rev.image_id.clone());
+    let present = tokio::task::spawn_blocking(move || engine.images().get(&image_id).is_ok()).await.unwrap_or(false);
+    if !present {
+        return Err(format!(
+            "revision {n}'s image {} ({}) is no longer in the image store; deploy it again",
+            rev.image, rev.image_id
+        ));
+    }
+    Ok(rev)
 }
 
 /// Pulls `reference` and records the revision a deploy of it makes.
@@ -209,17 +236,9 @@ async fn new_revision(
         .map_err(|e| format!("pulling {reference}: {e}"))?
     };
     let port = choose_port(service.port, &service.env, &image.config.exposed_ports)?;
-    let rev = db::insert_revision(
-        &state.db,
-        service.id,
-        &reference.to_string(),
-        &image.id.to_string(),
-        port,
-        &service.env,
-        service.health_path.as_deref(),
-    )
-    .await
-    .map_err(|e| format!("{e:#}"))?;
+    let rev = db::insert_revision(&state.db, service, &reference.to_string(), &image.id.to_string(), port)
+        .await
+        .map_err(|e| format!("{e:#}"))?;
     db::update_deploy(&state.db, id, "starting", Some(rev.number), None, false).await.map_err(|e| format!("{e:#}"))?;
     say(format!("revision {} ({}): starting an instance on port {port}", rev.number, image.id.short()));
     Ok(rev)

@@ -340,13 +340,13 @@ impl Executor {
 
 /// What a service's container is started with.
 pub fn run_options(service: &str, rev: &Revision) -> RunOptions {
-    let mut env: Vec<String> = rev.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    if !rev.env.contains_key("PORT") {
+    let mut env: Vec<String> = rev.env.iter().chain(rev.secrets.0.iter()).map(|(k, v)| format!("{k}={v}")).collect();
+    if !rev.env.contains_key("PORT") && !rev.secrets.0.contains_key("PORT") {
         env.push(format!("PORT={}", rev.port));
     }
     // As Cloud Run's K_SERVICE and K_REVISION: the app may say who it is.
     for (k, v) in [("BERTH_SERVICE", service.to_string()), ("BERTH_REVISION", rev.number.to_string())] {
-        if !rev.env.contains_key(k) {
+        if !rev.env.contains_key(k) && !rev.secrets.0.contains_key(k) {
             env.push(format!("{k}={v}"));
         }
     }

@@ -31,6 +31,8 @@ pub struct Revision {
     pub image_id: String,
     pub port: u16,
     pub env: BTreeMap<String, String>,
+    /// Secret variables, opened: in memory only.
+    pub secrets: super::secrets::Plain,
     pub health_path: Option<String>,
 }
 
@@ -1117,6 +1119,7 @@ mod tests {
             image_id: "sha256:x".into(),
             port: 8080,
             env: Default::default(),
+            secrets: Default::default(),
             health_path: None,
         }
     }

@@ -30,12 +30,22 @@ fn generate() -> anyhow::Result<String> {
 /// name: `link` fails if the name exists, so the file is never seen half written and two
 /// servers starting at once agree on one token.
 pub fn load_or_create(data_dir: &Path) -> anyhow::Result<String> {
-    let path = data_dir.join(FILE);
+    secret_file(data_dir, FILE, generate)
+}
+
+/// Reads the one-line secret in `<data_dir>/<file>`, creating it with `generate` first if there
+/// is none, as [`load_or_create`] does for the admin token.
+pub fn secret_file(
+    data_dir: &Path,
+    file: &str,
+    generate: impl FnOnce() -> anyhow::Result<String>,
+) -> anyhow::Result<String> {
+    let path = data_dir.join(file);
     if let Some(token) = read(&path)? {
         return Ok(token);
     }
     let token = generate()?;
-    let tmp = data_dir.join(format!(".{FILE}.{}", std::process::id()));
+    let tmp = data_dir.join(format!(".{file}.{}", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;

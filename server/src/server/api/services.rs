@@ -31,20 +31,27 @@ pub fn router() -> Router<AppState> {
         .route("/services/{name}/rollback", post(rollback))
         .route("/services/{name}/logs", get(logs))
         .merge(super::traffic::router())
+        .merge(super::env::router())
 }
 
 /// The service settings a create, update or deploy may carry.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Settings {
+pub(super) struct Settings {
     #[serde(default)]
-    port: Option<u16>,
+    pub(super) port: Option<u16>,
     /// Variables to set (merged over the stored ones).
     #[serde(default)]
-    env: BTreeMap<String, String>,
+    pub(super) env: BTreeMap<String, String>,
     /// Variables to remove.
     #[serde(default)]
-    unset_env: Vec<String>,
+    pub(super) unset_env: Vec<String>,
+    /// Secret variables to set: stored sealed, never shown back.
+    #[serde(default)]
+    pub(super) secrets: BTreeMap<String, String>,
+    /// Secret variables to remove.
+    #[serde(default)]
+    pub(super) unset_secrets: Vec<String>,
     #[serde(default)]
     health_path: Option<String>,
 }
@@ -78,6 +85,8 @@ pub(super) struct View {
     /// None: chosen at deploy (the env's PORT, the image's single exposed port, else 8080).
     port: Option<u16>,
     env: BTreeMap<String, String>,
+    /// The names of the secret variables (their values are never shown).
+    secrets: Vec<String>,
     health_path: Option<String>,
     scaling: scaling::View,
     /// The revision the last deploy or rollback put in service.
@@ -127,6 +136,7 @@ impl View {
             scaling: s.scaling.view(),
             port: s.port,
             env: s.env,
+            secrets: s.secrets.into_keys().collect(),
             health_path: s.health_path,
             revision: s.revision,
             traffic: live.traffic,
@@ -184,12 +194,16 @@ fn check_env(env: &BTreeMap<String, String>) -> Result<(), String> {
     Ok(())
 }
 
-/// Applies `s` to a service's stored settings, checking each field.
-fn apply(service: &mut Service, s: &Settings) -> Result<(), Error> {
+/// Applies `s` to a service's stored settings, checking each field; secrets are sealed.
+pub(super) fn apply(keys: &crate::server::secrets::Keyring, service: &mut Service, s: &Settings) -> Result<(), Error> {
     if s.port == Some(0) {
         return Err(Error::BadRequest("port: 0 is not a port (1-65535)".into()));
     }
     check_env(&s.env).map_err(Error::BadRequest)?;
+    check_env(&s.secrets).map_err(|e| Error::BadRequest(e.replacen("env: ", "secrets: ", 1)))?;
+    if let Some(k) = s.env.keys().find(|k| s.secrets.contains_key(*k)) {
+        return Err(Error::BadRequest(format!("env and secrets both set {k}: a variable is one or the other")));
+    }
     if let Some(p) = &s.health_path {
         if !p.is_empty() && (!p.starts_with('/') || p.bytes().any(|b| b <= b' ' || b == 0x7f)) {
             return Err(Error::BadRequest(format!(
@@ -204,7 +218,21 @@ fn apply(service: &mut Service, s: &Settings) -> Result<(), Error> {
     for k in &s.unset_env {
         service.env.remove(k);
     }
+    for k in &s.unset_secrets {
+        service.secrets.remove(k);
+    }
+    // A variable set as one kind stops being the other.
+    for k in s.env.keys() {
+        service.secrets.remove(k);
+    }
+    for (k, v) in &s.secrets {
+        service.env.remove(k);
+        service.secrets.insert(k.clone(), keys.seal(&service.name, k, v));
+    }
     service.env.extend(s.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    if service.secrets.contains_key("PORT") {
+        return Err(Error::BadRequest("secrets: PORT cannot be a secret: Berth reads it to reach the app".into()));
+    }
     if let Some(v) = service.env.get("PORT") {
         let Ok(p) = v.parse::<u16>().map_err(drop).and_then(|p| if p > 0 { Ok(p) } else { Err(()) }) else {
             return Err(Error::BadRequest(format!("env: PORT={v:?} is not a port number (1-65535)")));
@@ -237,6 +265,7 @@ async fn insert(state: &AppState, name: &str, settings: &Settings) -> Result<Ser
         name: name.to_string(),
         port: None,
         env: BTreeMap::new(),
+        secrets: BTreeMap::new(),
         health_path: None,
         scaling: Scaling::default(),
         revision: None,
@@ -245,7 +274,7 @@ async fn insert(state: &AppState, name: &str, settings: &Settings) -> Result<Ser
         created_at: now.clone(),
         updated_at: now,
     };
-    apply(&mut service, settings)?;
+    apply(&state.keys, &mut service, settings)?;
     match db::insert_service(&state.db, &service).await {
         Ok(id) => service.id = id,
         Err(InsertError::Duplicate) => return Err(Error::Conflict(format!("service {name:?} already exists"))),
@@ -323,8 +352,8 @@ async fn read(State(state): State<AppState>, Path(name): Path<String>) -> Result
 async fn update(State(state): State<AppState>, Path(name): Path<String>, bytes: Bytes) -> Result<Json<View>, Error> {
     let settings: Settings = body(&bytes)?;
     let mut service = find(&state, &name).await?;
-    apply(&mut service, &settings)?;
-    db::set_service_config(&state.db, service.id, service.port, &service.env, service.health_path.as_deref()).await?;
+    apply(&state.keys, &mut service, &settings)?;
+    db::set_service_config(&state.db, &service).await?;
     Ok(Json(view(&state, &name).await?))
 }
 
@@ -359,9 +388,9 @@ async fn remove(State(state): State<AppState>, Path(name): Path<String>) -> Resu
 }
 
 #[derive(Debug, Default, Deserialize)]
-struct DeployQuery {
+pub(super) struct DeployQuery {
     #[serde(default)]
-    wait: Option<String>,
+    pub(super) wait: Option<String>,
 }
 
 /// A deploy's `timeout` field: 1s to 1h, by default deploy::READY_TIMEOUT.
@@ -379,7 +408,7 @@ fn parse_timeout(t: &Option<String>) -> Result<Duration, Error> {
 }
 
 /// A boolean query parameter: absent or `0|false|no` is false, `""|1|true|yes` true.
-fn flag(name: &str, v: &Option<String>) -> Result<bool, Error> {
+pub(super) fn flag(name: &str, v: &Option<String>) -> Result<bool, Error> {
     match v.as_deref() {
         None | Some("0" | "false" | "no") => Ok(false),
         Some("" | "1" | "true" | "yes") => Ok(true),
@@ -388,7 +417,7 @@ fn flag(name: &str, v: &Option<String>) -> Result<bool, Error> {
 }
 
 /// Records a deploy and starts it in its own task; returns its id and its event stream.
-async fn start_deploy(
+pub(super) async fn start_deploy(
     state: &AppState,
     service: Service,
     source: crate::server::deploy::Source,
@@ -404,6 +433,10 @@ async fn start_deploy(
         .ok_or_else(|| Error::NotFound(format!("no service named {:?}", service.name)))?;
     let (kind, revision, image) = match &source {
         crate::server::deploy::Source::Image(r) => ("deploy", None, r.to_string()),
+        crate::server::deploy::Source::Config(n) => {
+            let image = db::get_revision(&state.db, service.id, *n).await?.map(|r| r.image).unwrap_or_default();
+            ("config", None, image)
+        }
         crate::server::deploy::Source::Revision(n) => {
             let image = db::get_revision(&state.db, service.id, *n).await?.map(|r| r.image).unwrap_or_default();
             ("rollback", Some(*n), image)
@@ -444,7 +477,7 @@ async fn deploy(
     // failed deploy changes nothing. A new service is created with them.
     let service = match db::get_service(&state.db, &name).await? {
         Some(mut s) => {
-            apply(&mut s, &req.settings)?;
+            apply(&state.keys, &mut s, &req.settings)?;
             s
         }
         None => match insert(&state, &name, &req.settings).await {
@@ -452,7 +485,7 @@ async fn deploy(
             // Another first deploy created it a moment ago: deploy to it (or be told it is busy).
             Err(Error::Conflict(_)) => {
                 let mut s = find(&state, &name).await?;
-                apply(&mut s, &req.settings)?;
+                apply(&state.keys, &mut s, &req.settings)?;
                 s
             }
             Err(e) => return Err(e),
@@ -468,7 +501,7 @@ type Started =
 
 /// A deploy's answer: an NDJSON event stream (`Accept: application/x-ndjson`), the finished
 /// deploy (`wait`: 200, or 422 with the reason), or 202 and the deploy as it starts.
-async fn respond(
+pub(super) async fn respond(
     state: &AppState,
     name: &str,
     started: Started,
@@ -560,7 +593,7 @@ async fn revisions(State(state): State<AppState>, Path(name): Path<String>) -> R
         .map(|r| {
             serde_json::json!({
                 "number": r.number, "image": r.image, "image_id": r.image_id, "port": r.port,
-                "env": r.env, "health_path": r.health_path, "created_at": r.created_at,
+                "env": r.env, "secrets": r.secrets.keys().collect::<Vec<_>>(), "health_path": r.health_path, "created_at": r.created_at,
                 "served_at": r.served_at,
                 "serving": traffic.iter().any(|t| t.revision == r.number && t.percent > 0),
                 "percent": traffic.iter().find(|t| t.revision == r.number).map_or(0, |t| t.percent),

@@ -111,7 +111,7 @@ async fn set(
                 rev.number
             )));
         }
-        split.push((crate::server::to_live_revision(&rev), share.percent));
+        split.push((crate::server::to_live_revision(&state.keys, &name, &rev)?, share.percent));
     }
     if sum != 100 {
         return Err(Error::BadRequest(format!("traffic: the percentages add up to {sum}, not 100")));
@@ -163,7 +163,7 @@ async fn tag(
     let live = state.platform.get(&name).ok_or_else(|| Error::NotFound(format!("no service named {name:?}")))?;
     s.tags.insert(tag.clone(), rev.number);
     db::set_tags(&state.db, s.id, &s.tags).await?;
-    live.set_tag(&tag, Some(crate::server::to_live_revision(&rev)));
+    live.set_tag(&tag, Some(crate::server::to_live_revision(&state.keys, &name, &rev)?));
     tracing::info!(service = %name, tag, revision = rev.number, "tag set");
     Ok(Json(traffic_view(&state, &s)))
 }
