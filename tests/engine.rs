@@ -816,3 +816,122 @@ fn fast_exiting_foreground_runs_never_hang() {
         assert!(status.success(), "run {i}: {status}");
     }
 }
+
+#[test]
+fn bind_mounts_share_a_host_directory_and_read_only_refuses_writes() {
+    let w = world();
+    let b = Berth::new();
+    let image = w.image("anon", "busybox");
+    b.ok(&["image", "pull", "-q", &image]);
+    let host = tempfile::tempdir().unwrap();
+    let vol = format!("{}:/data", host.path().display());
+    // One container writes into the mounted directory (a destination missing from the image).
+    let (code, _, err) =
+        run_out(&b, &["run", "--rm", "-v", &vol, &image, "--", "sh", "-c", "echo from-one > /data/note"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(std::fs::read_to_string(host.path().join("note")).unwrap(), "from-one\n", "the host sees it");
+    std::fs::write(host.path().join("from-host"), "from the host\n").unwrap();
+    // A second one, read-only and deeper, sees both files and cannot write.
+    let ro = format!("{}:/deep/er/data:ro", host.path().display());
+    let script = "cat /deep/er/data/note /deep/er/data/from-host; \
+                  if echo x > /deep/er/data/x; then echo wrote; else echo refused; fi";
+    let (code, out, err) = run_out(&b, &["run", "--rm", "-v", &ro, &image, "--", "sh", "-c", script]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "from-one\nfrom the host\nrefused\n");
+    assert!(err.contains("Read-only file system"), "{err}");
+    assert!(!host.path().join("x").exists());
+    // The mounts are part of the container's spec (what a restart or re-adoption reads).
+    let id = b.ok(&["run", "-d", "-v", &ro, "-v", &vol, &image, "--", "sleep", "300"]).trim().to_string();
+    let c = b.inspect(&id);
+    let canonical = std::fs::canonicalize(host.path()).unwrap();
+    assert_eq!(
+        c["spec"]["mounts"],
+        serde_json::json!([
+            {"source": canonical, "destination": "/deep/er/data", "read_only": true},
+            {"source": canonical, "destination": "/data", "read_only": false},
+        ])
+    );
+    b.ok(&["container", "rm", "--force", &id]);
+    assert!(host_leftovers(&b, &[id]).is_empty());
+}
+
+#[test]
+fn bind_mount_specs_get_clear_errors() {
+    let w = world();
+    let b = Berth::new();
+    let image = w.image("anon", "busybox");
+    b.ok(&["image", "pull", "-q", &image]);
+    let host = tempfile::tempdir().unwrap();
+    let dir = host.path().display().to_string();
+    let file = host.path().join("file");
+    std::fs::write(&file, "x").unwrap();
+    let cases: Vec<(String, &str)> = vec![
+        ("data:/data".into(), "named volumes are not supported"),
+        (dir.clone(), "expected HOST:CONTAINER"),
+        (format!("{dir}:/data:rx"), "unknown option \"rx\""),
+        (format!("{dir}/missing:/data"), "does not exist"),
+        (format!("{}:/data", file.display()), "is not a directory"),
+        (format!("{dir}:data"), "must be an absolute path"),
+        (format!("{dir}:/a/../etc"), "must not contain '..'"),
+        (format!("{dir}:/"), "cannot be a mount point"),
+        (format!("{dir}:/proc/x"), "/proc and /sys"),
+        // A destination that is a file in the image: refused by the shim, naming it.
+        (format!("{dir}:/etc/passwd"), "creating the mount point /etc/passwd in the container"),
+    ];
+    for (vol, want) in &cases {
+        let (code, _, err) = run_out(&b, &["run", "--rm", "-v", vol, &image, "--", "true"]);
+        assert_eq!(code, 125, "-v {vol}: {err}");
+        assert!(err.contains(want), "-v {vol}: want {want:?} in {err}");
+        assert_eq!(err.trim().lines().count(), 1, "-v {vol}: one line: {err}");
+    }
+    assert!(b.container_ids().is_empty());
+    let (code, _, err) = run_out(&b, &["run", "--rm", "-v", &format!("{dir}:/d"), "-v", &format!("{dir}:/d/"), &image]);
+    assert_eq!(code, 125);
+    assert!(err.contains("two mounts have the destination /d"), "{err}");
+}
+
+/// An image whose root has an absolute symlink to a host directory, and a static busybox.
+fn image_with_a_link_to(outside: &std::path::Path) -> Vec<u8> {
+    let mut t = tar::Builder::new(Vec::new());
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+        .iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("busybox-static: run tests/world/install-deps.sh");
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Directory);
+    h.set_mode(0o755);
+    h.set_size(0);
+    t.append_data(&mut h, "bin/", std::io::empty()).unwrap();
+    let bytes = std::fs::read(busybox).unwrap();
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(0o755);
+    h.set_size(bytes.len() as u64);
+    t.append_data(&mut h, "bin/busybox", &bytes[..]).unwrap();
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Symlink);
+    h.set_size(0);
+    h.set_mode(0o777);
+    t.append_link(&mut h, "link", outside).unwrap();
+    t.into_inner().unwrap()
+}
+
+#[test]
+fn mount_points_never_follow_links_out_of_the_root() {
+    let b = Berth::new();
+    let outside = tempfile::tempdir().unwrap();
+    let tar = b.data_dir().join("linked.tar");
+    std::fs::write(&tar, oci_layout_tar(&image_with_a_link_to(outside.path()))).unwrap();
+    b.ok(&["image", "load", "--input", tar.to_str().unwrap(), "--tag", "local/linked:1"]);
+    let host = tempfile::tempdir().unwrap();
+    std::fs::write(host.path().join("f"), "mounted\n").unwrap();
+    // /link points at a host directory: the mount point is made inside the root filesystem,
+    // where the link resolves to a path of the container's own, never in the host directory.
+    let vol = format!("{}:/link/sub", host.path().display());
+    let inside = format!("{}/sub", outside.path().display());
+    let script = format!("/bin/busybox cat /link/sub/f && /bin/busybox ls -d {inside}");
+    let (code, out, err) =
+        run_out(&b, &["run", "--rm", "-v", &vol, "local/linked:1", "--", "/bin/busybox", "sh", "-c", &script]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, format!("mounted\n{inside}\n"));
+    assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0, "nothing made in the host directory");
+}

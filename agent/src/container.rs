@@ -52,6 +52,21 @@ pub struct Spec {
     /// for `start` on its socket; it tears everything down if the socket closes first.
     #[serde(default)]
     pub prepare: bool,
+    /// Host directories bind-mounted into the container, validated by the engine (absolute,
+    /// normalised destinations; canonical sources).
+    #[serde(default)]
+    pub mounts: Vec<Mount>,
+}
+
+/// A host directory bind-mounted into a container (`berth run -v HOST:CONTAINER[:ro]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mount {
+    /// A directory on the host.
+    pub source: PathBuf,
+    /// An absolute path inside the container; created in the root filesystem if missing.
+    pub destination: String,
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+pub use crate::container::Mount;
 use crate::container::{self, Container, Paths, State, Status};
 use crate::image::{self, Image};
 use crate::Config;
@@ -74,6 +75,8 @@ pub struct RunOptions {
     pub auto_remove: bool,
     pub no_new_privileges: bool,
     pub labels: BTreeMap<String, String>,
+    /// Host directories to bind-mount (see [`Mount`]); checked by [`validate_mounts`].
+    pub mounts: Vec<Mount>,
 }
 
 /// A container created by [`Engine::prepare`] whose process has not started: its shim waits on
@@ -290,6 +293,7 @@ impl Engine {
         }
         let mut labels = cfg.labels.clone();
         labels.extend(opts.labels.clone());
+        let mounts = validate_mounts(&opts.mounts)?;
         Ok(container::Spec {
             id: id.to_string(),
             name: name.to_string(),
@@ -318,6 +322,7 @@ impl Engine {
             logs: self.config.logs.clone(),
             created: crate::logs::now_rfc3339(),
             prepare: false,
+            mounts,
         })
     }
 
@@ -643,6 +648,55 @@ pub fn merge_env(image: &[String], overrides: &[String]) -> Result<Vec<String>, 
     Ok(out)
 }
 
+/// Checks bind mounts and returns them normalised: each destination absolute, without `..`,
+/// `.` or repeated slashes, not `/` and not inside `/proc` or `/sys` (the kernel's, which the
+/// runtime mounts and masks), used once; each source an existing directory, made canonical
+/// (so the shim, which runs elsewhere, finds the same one, and the spec records what it is).
+pub fn validate_mounts(mounts: &[Mount]) -> Result<Vec<Mount>, Error> {
+    let mut out: Vec<Mount> = Vec::with_capacity(mounts.len());
+    for m in mounts {
+        let dest = &m.destination;
+        let bad = |why: &str| Error::Invalid(format!("invalid mount destination {dest:?}: {why}"));
+        if !dest.starts_with('/') {
+            return Err(bad("it must be an absolute path inside the container"));
+        }
+        let mut parts: Vec<&str> = Vec::new();
+        for part in dest.split('/') {
+            match part {
+                "" | "." => {}
+                ".." => return Err(bad("it must not contain '..'")),
+                p => parts.push(p),
+            }
+        }
+        if parts.is_empty() {
+            return Err(bad("the container's root / cannot be a mount point"));
+        }
+        if matches!(parts[0], "proc" | "sys") {
+            return Err(bad("/proc and /sys are the kernel's and cannot be mount points"));
+        }
+        let destination = format!("/{}", parts.join("/"));
+        if out.iter().any(|o| o.destination == destination) {
+            return Err(Error::Invalid(format!("two mounts have the destination {destination}")));
+        }
+        let src = &m.source;
+        let source = match fs::canonicalize(src) {
+            Ok(p) => p,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(Error::Invalid(format!("mount source {} does not exist", src.display())))
+            }
+            Err(e) => return Err(Error::Invalid(format!("mount source {}: {e}", src.display()))),
+        };
+        if !source.is_dir() {
+            return Err(Error::Invalid(format!(
+                "mount source {} is not a directory (only directories can be mounted)",
+                src.display()
+            )));
+        }
+        out.push(Mount { source, destination, read_only: m.read_only });
+    }
+    Ok(out)
+}
+
 /// `SIGTERM`, `TERM`, `15`, `sigquit`, as Docker accepts StopSignal.
 pub fn parse_signal(s: &str) -> Option<Signal> {
     let s = s.trim();
@@ -683,6 +737,35 @@ mod tests {
         assert_eq!(got, vec!["PATH=/bin", "A=2", "B=x=y"]);
         assert!(merge_env(&image, &["NOEQUALS".into()]).is_err());
         assert!(merge_env(&[], &[]).unwrap()[0].starts_with("PATH="));
+    }
+
+    #[test]
+    fn mounts_are_checked_and_normalised() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("data");
+        fs::create_dir(&src).unwrap();
+        fs::write(dir.path().join("file"), "x").unwrap();
+        let m = |s: &Path, d: &str| Mount { source: s.to_path_buf(), destination: d.into(), read_only: false };
+        let got = validate_mounts(&[m(&dir.path().join("data/../data/"), "//srv/./data/")]).unwrap();
+        assert_eq!(got, [m(&fs::canonicalize(&src).unwrap(), "/srv/data")]);
+        let cases: &[(Mount, &str)] = &[
+            (m(&src, "data"), "must be an absolute path"),
+            (m(&src, "/a/../etc"), "must not contain '..'"),
+            (m(&src, "/"), "root / cannot be a mount point"),
+            (m(&src, "/./"), "root / cannot be a mount point"),
+            (m(&src, "/proc/x"), "/proc and /sys"),
+            (m(&src, "/sys"), "/proc and /sys"),
+            (m(&dir.path().join("nope"), "/d"), "does not exist"),
+            (m(&dir.path().join("file"), "/d"), "is not a directory"),
+        ];
+        for (mount, want) in cases {
+            let err = validate_mounts(std::slice::from_ref(mount)).unwrap_err().to_string();
+            assert!(err.contains(want), "{mount:?}: {err}");
+        }
+        let err = validate_mounts(&[m(&src, "/d"), m(&src, "/d/")]).unwrap_err().to_string();
+        assert!(err.contains("two mounts have the destination /d"), "{err}");
+        // Names that only look like the kernel's are fine.
+        assert!(validate_mounts(&[m(&src, "/process"), m(&src, "/system")]).is_ok());
     }
 
     #[test]

@@ -240,6 +240,16 @@ impl Shim {
             make_dir_in_root(&p.rootfs(), &spec.working_dir)
                 .with_context(|| format!("creating the working directory {}", spec.working_dir))?;
         }
+        for m in &spec.mounts {
+            // A prepared container starts long after the engine checked the source.
+            if !m.source.is_dir() {
+                bail!("mount source {} is not a directory any more", m.source.display());
+            }
+            // Created here, inside the root (a link in the image resolves inside it, never to
+            // the host), so that a bad destination fails with its name before the runtime runs.
+            make_dir_in_root(&p.rootfs(), &m.destination)
+                .with_context(|| format!("creating the mount point {} in the container", m.destination))?;
+        }
 
         let net = Network::new(&spec.network, &self.data_dir.join("network"))?;
         net.ensure_bridge()?;
@@ -454,29 +464,62 @@ pub fn runtime_reason(msg: &str) -> String {
 }
 
 /// Creates `dir` (absolute, inside the container) and its missing parents under `root`,
-/// resolving every component inside the root: a symlink in the image can't send it elsewhere.
+/// resolving every component inside the root, as the container would see it: a symlink in the
+/// image (absolute or with `..`) is followed within the root, never to the host, and what its
+/// target lacks is created there too.
 fn make_dir_in_root(root: &Path, dir: &str) -> Result<()> {
-    use rustix::fs::{mkdirat, openat2, Mode, OFlags, ResolveFlags};
-    let mut cur = rustix::fs::open(root, OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
-    for comp in Path::new(dir).components() {
-        let name = match comp {
-            std::path::Component::Normal(n) => n,
-            std::path::Component::RootDir | std::path::Component::CurDir => continue,
-            std::path::Component::ParentDir | std::path::Component::Prefix(_) => {
-                bail!("the working directory must not contain '..'")
-            }
-        };
-        match mkdirat(&cur, name, Mode::from_raw_mode(0o755)) {
+    use std::collections::VecDeque;
+    use std::ffi::OsString;
+    use std::os::unix::ffi::OsStrExt;
+
+    use rustix::fs::{mkdirat, openat, readlinkat, Mode, OFlags};
+    if Path::new(dir).components().any(|c| c == std::path::Component::ParentDir) {
+        bail!("{dir:?} must not contain '..'");
+    }
+    let open_dir = |at: &OwnedFd, name: &std::ffi::OsStr| {
+        openat(at, name, OFlags::DIRECTORY | OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
+    };
+    let root_fd = rustix::fs::open(root, OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
+    // The directories from the root down to the current one; `..` pops, never past the root.
+    let mut stack: Vec<OwnedFd> = Vec::new();
+    let mut todo: VecDeque<OsString> =
+        dir.split('/').filter(|c| !c.is_empty() && *c != ".").map(OsString::from).collect();
+    let mut links = 0;
+    while let Some(name) = todo.pop_front() {
+        if name == ".." {
+            stack.pop();
+            continue;
+        }
+        let cur = stack.last().unwrap_or(&root_fd);
+        match mkdirat(cur, name.as_os_str(), Mode::from_raw_mode(0o755)) {
             Ok(()) | Err(rustix::io::Errno::EXIST) => {}
             Err(e) => return Err(e.into()),
         }
-        cur = openat2(
-            &cur,
-            name,
-            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
-            Mode::empty(),
-            ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
-        )?;
+        match open_dir(cur, name.as_os_str()) {
+            Ok(fd) => stack.push(fd),
+            // O_NOFOLLOW on a symlink: follow it by hand, inside the root.
+            Err(rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR) => {
+                let target = match readlinkat(cur, name.as_os_str(), Vec::new()) {
+                    Ok(t) => t,
+                    Err(rustix::io::Errno::INVAL) => bail!("{} is not a directory", name.to_string_lossy()),
+                    Err(e) => return Err(e.into()),
+                };
+                links += 1;
+                if links > 40 {
+                    bail!("too many levels of symbolic links");
+                }
+                let target = target.as_bytes();
+                if target.starts_with(b"/") {
+                    stack.clear();
+                }
+                for part in target.split(|b| *b == b'/').rev() {
+                    if !part.is_empty() && part != b"." {
+                        todo.push_front(OsString::from(std::ffi::OsStr::from_bytes(part)));
+                    }
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
     Ok(())
 }
@@ -595,4 +638,31 @@ pub fn cleanup_main(data_dir: &Path, id: &str) -> i32 {
         let _ = paths.write_state(&state);
     }
     0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dirs_are_made_inside_the_root_through_links() {
+        let root = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let r = root.path();
+        std::os::unix::fs::symlink(outside.path(), r.join("abs")).unwrap();
+        std::os::unix::fs::symlink("../../c", r.join("rel")).unwrap();
+        fs::write(r.join("file"), "x").unwrap();
+        make_dir_in_root(r, "/abs/sub").unwrap();
+        assert!(r.join(outside.path().strip_prefix("/").unwrap()).join("sub").is_dir());
+        assert_eq!(fs::read_dir(outside.path()).unwrap().count(), 0, "nothing made outside the root");
+        make_dir_in_root(r, "//rel/./q/").unwrap();
+        assert!(r.join("c/q").is_dir(), "'..' in a link stops at the root");
+        make_dir_in_root(r, "/plain/dir").unwrap();
+        assert!(r.join("plain/dir").is_dir());
+        let err = make_dir_in_root(r, "/file/q").unwrap_err().to_string();
+        assert!(err.contains("file is not a directory"), "{err}");
+        assert!(make_dir_in_root(r, "/a/../b").unwrap_err().to_string().contains("'..'"));
+        std::os::unix::fs::symlink("loop", r.join("loop")).unwrap();
+        assert!(make_dir_in_root(r, "/loop/x").unwrap_err().to_string().contains("too many levels"));
+    }
 }

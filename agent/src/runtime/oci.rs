@@ -101,6 +101,13 @@ pub fn build(spec: &ContainerSpec, paths: &Paths, user: &User, netns: &Path, cgr
     mounts.push(bind(&paths.dir.join("hosts"), "/etc/hosts", false)?);
     mounts.push(bind(&paths.dir.join("hostname"), "/etc/hostname", false)?);
     mounts.push(bind(&paths.dir.join("resolv.conf"), "/etc/resolv.conf", false)?);
+    // The user's bind mounts last (so one over /etc hides the files above rather than getting
+    // them written into the host directory), parents before children, as Docker orders them.
+    let mut user_mounts: Vec<&crate::container::Mount> = spec.mounts.iter().collect();
+    user_mounts.sort_by_key(|m| m.destination.matches('/').count());
+    for m in user_mounts {
+        mounts.push(bind(&m.source, &m.destination, m.read_only)?);
+    }
 
     let ns = |t: LinuxNamespaceType| -> LinuxNamespace {
         LinuxNamespaceBuilder::default().typ(t).build().expect("namespace")

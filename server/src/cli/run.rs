@@ -1,4 +1,5 @@
-//! `berth run [-d] [--name N] [--env K=V]... [--memory 64m] [--rm] REF [-- CMD ARGS...]`.
+//! `berth run [-d] [--name N] [--env K=V]... [-v HOST:CONTAINER[:ro]]... [--memory 64m] [--rm] REF
+//! [-- CMD ARGS...]`.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -6,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use berth_agent::container::Status;
-use berth_agent::engine::{parse_size, RunOptions};
+use berth_agent::engine::{parse_size, Mount, RunOptions};
 use berth_agent::logs::{Follower, Stream};
 use berth_agent::reference::Reference;
 use berth_agent::Engine;
@@ -58,6 +59,10 @@ pub struct Args {
     /// A label (KEY=VALUE).
     #[arg(short, long = "label", value_name = "K=V")]
     pub label: Vec<String>,
+    /// Bind-mount a host directory into the container (`:ro` read-only); HOST is an absolute
+    /// path or one starting with `./`, CONTAINER an absolute path (created if missing).
+    #[arg(short = 'v', long = "volume", value_name = "HOST:CONTAINER[:ro]")]
+    pub volume: Vec<String>,
     /// Print no pull progress.
     #[arg(short, long)]
     pub quiet: bool,
@@ -107,6 +112,7 @@ fn run_inner(engine: &Engine, a: Args) -> Result<i32> {
             }
         })
         .collect();
+    let mounts = a.volume.iter().map(|v| parse_volume(v)).collect::<Result<Vec<_>>>()?;
     if let Some(c) = a.cpus {
         let max = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
         if !(0.01..=max).contains(&c) {
@@ -134,6 +140,7 @@ fn run_inner(engine: &Engine, a: Args) -> Result<i32> {
         auto_remove: a.rm,
         no_new_privileges: a.no_new_privileges,
         labels,
+        mounts,
     };
     let (c, attach) = match engine.run(&image, &reference.to_string(), opts, !a.detach) {
         Ok(x) => x,
@@ -193,4 +200,47 @@ fn run_inner(engine: &Engine, a: Args) -> Result<i32> {
         Status::Failed => 125,
         _ => state.exit_code.unwrap_or(0),
     })
+}
+
+/// `HOST:CONTAINER[:ro|:rw]`, as Docker's `-v` for a host directory (named volumes do not exist
+/// here). The engine checks the paths themselves.
+fn parse_volume(v: &str) -> Result<Mount> {
+    let parts: Vec<&str> = v.split(':').collect();
+    let (host, container, read_only) = match parts.as_slice() {
+        [h, c] => (*h, *c, false),
+        [h, c, "ro"] => (*h, *c, true),
+        [h, c, "rw"] => (*h, *c, false),
+        [_, _, o] => bail!("--volume {v:?}: unknown option {o:?} (use ro or rw)"),
+        _ => bail!("--volume {v:?}: expected HOST:CONTAINER or HOST:CONTAINER:ro"),
+    };
+    if host.is_empty() || container.is_empty() {
+        bail!("--volume {v:?}: expected HOST:CONTAINER or HOST:CONTAINER:ro");
+    }
+    if !host.starts_with('/') && !host.starts_with('.') {
+        bail!("--volume {v:?}: {host:?} is not a path; named volumes are not supported, give a host directory (absolute, or starting with ./)");
+    }
+    Ok(Mount { source: host.into(), destination: container.to_string(), read_only })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volume_syntax() {
+        let m = |s: &str, d: &str, ro: bool| Mount { source: s.into(), destination: d.into(), read_only: ro };
+        assert_eq!(parse_volume("/srv/data:/data").unwrap(), m("/srv/data", "/data", false));
+        assert_eq!(parse_volume("./d:/data:ro").unwrap(), m("./d", "/data", true));
+        assert_eq!(parse_volume("/d:/data:rw").unwrap(), m("/d", "/data", false));
+        for (bad, want) in [
+            ("/d", "expected HOST:CONTAINER"),
+            ("/d:/e:ro:x", "expected HOST:CONTAINER"),
+            ("/d:/e:rx", "unknown option \"rx\""),
+            (":/e", "expected HOST:CONTAINER"),
+            ("data:/e", "named volumes are not supported"),
+        ] {
+            let err = parse_volume(bad).unwrap_err().to_string();
+            assert!(err.contains(want), "{bad}: {err}");
+        }
+    }
 }
