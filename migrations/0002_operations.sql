@@ -13,3 +13,15 @@ ALTER TABLE services ADD COLUMN tags TEXT NOT NULL DEFAULT '{}';
 -- values are never stored in plain text.
 ALTER TABLE services ADD COLUMN secrets TEXT NOT NULL DEFAULT '{}';
 ALTER TABLE revisions ADD COLUMN secrets TEXT NOT NULL DEFAULT '{}';
+
+-- Tokens: scope 'admin' (everything) or 'deploy' (deploy `service` and follow its deploys).
+ALTER TABLE tokens ADD COLUMN service TEXT;
+
+-- Extra host names a service answers at (besides <name>.<domain>), lowercase, no trailing dot.
+CREATE TABLE domains (
+    host       TEXT PRIMARY KEY,
+    service_id INTEGER NOT NULL REFERENCES services(id) ON DELETE CASCADE,
+    created_at TEXT NOT NULL
+);
+
+CREATE INDEX domains_service ON domains(service_id);

@@ -288,3 +288,101 @@ fn env_changes_roll_out_and_a_secret_reaches_the_app_but_nothing_shows_it() {
     }
     assert!(!db.windows(SECRET.len()).any(|w| w == SECRET.as_bytes()), "the database holds the secret in plain text");
 }
+
+#[test]
+fn deploy_tokens_deploy_one_service_only_and_domains_route_to_their_service() {
+    let b = Berth::new();
+    let s = Server::start(&b, &[]);
+    deploy(&s, &b, "app", &["--env", "V=one"]);
+    deploy(&s, &b, "other", &[]);
+    let out = s.cli(&b, &["tokens", "create", "ci", "--deploy", "app"]);
+    assert!(out.status.success(), "{out:?}");
+    let ci = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(ci.starts_with("berth_"), "the token alone on stdout: {ci:?}");
+    let admin2 = s.cli_ok(&b, &["tokens", "create", "ops"]).trim().to_string();
+    let ls = s.cli_ok(&b, &["tokens", "ls"]);
+    assert!(ls.contains("ci") && ls.contains("deploy") && ls.contains("app") && !ls.contains(&ci), "{ls}");
+    let with = |token: &str, method: &str, path: &str, body: Option<Value>| {
+        let b = body.map(|b| b.to_string()).unwrap_or_default();
+        let auth = format!("Bearer {token}");
+        let mut h = vec![("Authorization", auth.as_str())];
+        if !b.is_empty() {
+            h.push(("Content-Type", "application/json"));
+        }
+        request(s.api, method, "127.0.0.1", path, &h, b.as_bytes()).unwrap()
+    };
+    // The CI token deploys its service, as CI would: POST and wait.
+    let image = python();
+    let r =
+        with(&ci, "POST", "/api/v1/services/app/deploys?wait=true", Some(json!({"image": image, "env": {"V": "two"}})));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["by"], "ci", "the deploy records which token made it");
+    let id = r.json()["id"].as_i64().unwrap();
+    assert_eq!(with(&ci, "GET", &format!("/api/v1/services/app/deploys/{id}"), None).status, 200);
+    assert_eq!(s.get("app", "/env/V").text(), "two");
+    // ...and nothing else.
+    for (method, path, body) in [
+        ("POST", "/api/v1/services/other/deploys", Some(json!({"image": image}))),
+        ("DELETE", "/api/v1/services/app", None),
+        ("POST", "/api/v1/services/app/env", Some(json!({"env": {"X": "1"}}))),
+        ("GET", "/api/v1/services/app/env", None),
+        ("GET", "/api/v1/services", None),
+        ("POST", "/api/v1/tokens", Some(json!({"name": "x", "scope": "admin"}))),
+        ("PATCH", "/api/v1/services/app/scaling", Some(json!({"min": 1}))),
+    ] {
+        let r = with(&ci, method, path, body);
+        assert_eq!(r.status, 403, "{method} {path}: {}", r.text());
+        assert!(r.json()["error"].as_str().unwrap().contains("may only deploy service \"app\""), "{}", r.text());
+    }
+    // A second admin token works; revoked, neither it nor the CI token does.
+    assert_eq!(with(&admin2, "GET", "/api/v1/services", None).status, 200);
+    s.cli_ok(&b, &["tokens", "revoke", "ci"]);
+    s.cli_ok(&b, &["tokens", "revoke", "ops"]);
+    assert_eq!(with(&ci, "GET", "/api/v1/services/app", None).status, 401);
+    assert_eq!(with(&admin2, "GET", "/api/v1/services", None).status, 401);
+    for (args, want) in [
+        (&["tokens", "revoke", "admin"][..], "cannot be revoked"),
+        (&["tokens", "revoke", "nope"][..], "no token named"),
+        (&["tokens", "create", "x", "--deploy", "nope"][..], "no service named"),
+        (&["tokens", "create", "Bad Name"][..], "name: \"Bad Name\""),
+    ] {
+        let out = s.cli(&b, args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains(want), "{args:?}: {out:?}");
+    }
+
+    // Domains.
+    s.cli_ok(&b, &["domains", "app", "add", "WWW.Example.COM"]);
+    s.cli_ok(&b, &["domains", "app", "add", "api.example.com"]);
+    assert_eq!(s.cli_ok(&b, &["domains", "app", "ls"]), "api.example.com\nwww.example.com\n");
+    for host in ["www.example.com", "WWW.example.com.", "api.example.com:80"] {
+        let r = request(s.http, "GET", host, "/env/V", &[], b"").unwrap();
+        assert_eq!((r.status, r.text()), (200, "two".into()), "{host}");
+    }
+    for (args, want) in [
+        (&["domains", "other", "add", "www.example.com"][..], "belongs to service \"app\""),
+        (&["domains", "app", "add", "x.test.local"][..], "under the platform's domain"),
+        (&["domains", "app", "add", "localhost"][..], "single label"),
+        (&["domains", "app", "rm", "nope.example.com"][..], "has no domain"),
+    ] {
+        let out = s.cli(&b, args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains(want), "{args:?}: {out:?}");
+    }
+    assert_eq!(s.service("app")["domains"], json!(["api.example.com", "www.example.com"]));
+    let mut s = s;
+    s.stop();
+    s.restart(&b);
+    assert_eq!(
+        request(s.http, "GET", "api.example.com", "/env/V", &[], b"").unwrap().text(),
+        "two",
+        "kept across a restart"
+    );
+    s.cli_ok(&b, &["domains", "app", "rm", "api.example.com"]);
+    let r = request(s.http, "GET", "api.example.com", "/", &[], b"").unwrap();
+    assert_eq!((r.status, r.header("berth-error")), (404, Some("unknown-host")));
+    // Deleting the service frees its names.
+    s.cli_ok(&b, &["rm", "app"]);
+    s.cli_ok(&b, &["domains", "other", "add", "www.example.com"]);
+    assert_eq!(request(s.http, "GET", "www.example.com", "/", &[], b"").unwrap().status, 200);
+}

@@ -106,6 +106,21 @@ pub enum Command {
         #[command(flatten)]
         conn: client::Conn,
     },
+    /// A service's extra host names: `berth domains NAME add|rm HOST`, `ls`.
+    Domains {
+        name: String,
+        #[command(subcommand)]
+        cmd: ops::DomainsCommand,
+        #[command(flatten)]
+        conn: client::Conn,
+    },
+    /// API tokens: `berth tokens create NAME [--deploy SERVICE]`, `ls`, `revoke NAME`.
+    Tokens {
+        #[command(subcommand)]
+        cmd: ops::TokensCommand,
+        #[command(flatten)]
+        conn: client::Conn,
+    },
     /// Delete a service: its instances stop, its route goes.
     Rm {
         name: String,
@@ -190,6 +205,8 @@ pub fn main() -> i32 {
         Command::Tag { args, conn } => Some(ops::tag(conn, &cli.data_dir, args)),
         Command::Untag { name, tag, conn } => Some(ops::untag(conn, &cli.data_dir, name, tag)),
         Command::Env { name, cmd, conn } => Some(ops::env(conn, &cli.data_dir, name, cmd)),
+        Command::Tokens { cmd, conn } => Some(ops::tokens(conn, &cli.data_dir, cmd)),
+        Command::Domains { name, cmd, conn } => Some(ops::domains(conn, &cli.data_dir, name, cmd)),
         _ => None,
     };
     if let Some(r) = client_result {
@@ -233,7 +250,9 @@ pub fn main() -> i32 {
         | Command::Traffic { .. }
         | Command::Tag { .. }
         | Command::Untag { .. }
-        | Command::Env { .. } => unreachable!("handled above"),
+        | Command::Env { .. }
+        | Command::Tokens { .. }
+        | Command::Domains { .. } => unreachable!("handled above"),
     };
     match result {
         Ok(code) => code,

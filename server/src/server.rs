@@ -232,6 +232,9 @@ async fn load_services(state: &api::AppState) -> anyhow::Result<usize> {
         state.platform.insert(live);
         revisions.insert(s.name.clone(), s.id);
     }
+    for (host, name) in db::all_domains(&state.db).await? {
+        state.platform.add_host(&host, &name);
+    }
     let engine = state.engine.clone();
     let containers = tokio::task::spawn_blocking(move || engine.list()).await??;
     let mut adopted = 0;

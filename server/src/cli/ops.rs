@@ -164,6 +164,114 @@ pub fn env(conn: &Conn, data_dir: &Path, name: &str, cmd: &EnvCommand) -> Result
     })
 }
 
+#[derive(Debug, clap::Subcommand)]
+pub enum TokensCommand {
+    /// Make a token (shown once): admin, or with --deploy SERVICE one that may only deploy it.
+    Create {
+        name: String,
+        /// Scope the token to deploying this one service (for CI).
+        #[arg(long, value_name = "SERVICE")]
+        deploy: Option<String>,
+    },
+    /// List the tokens (names and scopes; never the tokens).
+    Ls,
+    /// Revoke a token: it stops working at once.
+    Revoke { name: String },
+}
+
+pub fn tokens(conn: &Conn, data_dir: &Path, cmd: &TokensCommand) -> Result<i32> {
+    let c = Client::new(conn, data_dir)?;
+    let rt = crate::cli::runtime();
+    match cmd {
+        TokensCommand::Create { name, deploy } => {
+            let body = match deploy {
+                Some(svc) => serde_json::json!({ "name": name, "scope": "deploy", "service": service_name(svc)? }),
+                None => serde_json::json!({ "name": name, "scope": "admin" }),
+            };
+            let v = rt.block_on(c.json(c.req(reqwest::Method::POST, "/tokens").json(&body)))?;
+            if conn.json {
+                println!("{v}");
+            } else {
+                // The token alone on stdout (for `$(berth tokens create ...)`); the rest to stderr.
+                println!("{}", v["token"].as_str().unwrap_or(""));
+                match deploy {
+                    Some(svc) => eprintln!("token {name} may deploy {svc}; it is not shown again"),
+                    None => eprintln!("admin token {name}; it is not shown again"),
+                }
+            }
+        }
+        TokensCommand::Ls => {
+            let v = rt.block_on(c.json(c.req(reqwest::Method::GET, "/tokens")))?;
+            if conn.json {
+                println!("{v}");
+                return Ok(0);
+            }
+            println!("{:<24} {:<7} {:<24} CREATED", "NAME", "SCOPE", "SERVICE");
+            for t in v["tokens"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<24} {:<7} {:<24} {}",
+                    t["name"].as_str().unwrap_or(""),
+                    t["scope"].as_str().unwrap_or(""),
+                    t["service"].as_str().unwrap_or("-"),
+                    t["created_at"].as_str().unwrap_or("")
+                );
+            }
+        }
+        TokensCommand::Revoke { name } => {
+            rt.block_on(c.send(c.req(reqwest::Method::DELETE, &format!("/tokens/{name}"))))?;
+            if !conn.json {
+                println!("token {name} revoked");
+            }
+        }
+    }
+    Ok(0)
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum DomainsCommand {
+    /// Make the service answer at HOST too (point HOST's DNS at this machine).
+    Add { host: String },
+    /// Stop answering at HOST.
+    Rm { host: String },
+    /// List the service's extra host names.
+    Ls,
+}
+
+pub fn domains(conn: &Conn, data_dir: &Path, name: &str, cmd: &DomainsCommand) -> Result<i32> {
+    service_name(name)?;
+    let c = Client::new(conn, data_dir)?;
+    let rt = crate::cli::runtime();
+    let check = |h: &str| -> Result<()> {
+        if h.is_empty() || h.contains('/') || h.contains(char::is_whitespace) {
+            bail!("{h:?} is not a host name");
+        }
+        Ok(())
+    };
+    let v = match cmd {
+        DomainsCommand::Add { host } => {
+            check(host)?;
+            rt.block_on(c.json(c.req(reqwest::Method::PUT, &format!("/services/{name}/domains/{host}"))))?
+        }
+        DomainsCommand::Rm { host } => {
+            check(host)?;
+            rt.block_on(c.send(c.req(reqwest::Method::DELETE, &format!("/services/{name}/domains/{host}"))))?;
+            if !conn.json {
+                println!("{name} no longer answers at {host}");
+            }
+            return Ok(0);
+        }
+        DomainsCommand::Ls => rt.block_on(c.json(c.req(reqwest::Method::GET, &format!("/services/{name}/domains"))))?,
+    };
+    if conn.json {
+        println!("{v}");
+    } else {
+        for d in v["domains"].as_array().into_iter().flatten() {
+            println!("{}", d.as_str().unwrap_or(""));
+        }
+    }
+    Ok(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,8 +9,10 @@ use axum::routing::get;
 use axum::{Json, Router};
 use sqlx::SqlitePool;
 
+mod domains;
 mod env;
 mod services;
+mod tokens;
 mod traffic;
 
 pub use services::check_name;
@@ -48,6 +50,7 @@ impl AppState {
 pub enum Error {
     BadRequest(String),
     Unauthorized(String),
+    Forbidden(String),
     NotFound(String),
     Conflict(String),
     /// The service exists but cannot do this now (a deploy that failed: 422 with the reason).
@@ -67,6 +70,7 @@ impl IntoResponse for Error {
         let (status, msg) = match self {
             Error::BadRequest(m) => (StatusCode::BAD_REQUEST, m),
             Error::Unauthorized(m) => (StatusCode::UNAUTHORIZED, m),
+            Error::Forbidden(m) => (StatusCode::FORBIDDEN, m),
             Error::NotFound(m) => (StatusCode::NOT_FOUND, m),
             Error::Conflict(m) => (StatusCode::CONFLICT, m),
             Error::Unprocessable(m) => (StatusCode::UNPROCESSABLE_ENTITY, m),
@@ -87,6 +91,7 @@ impl IntoResponse for Error {
 /// The whole API.
 pub fn router(state: AppState) -> Router {
     let authed = services::router()
+        .merge(tokens::router())
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .with_state(state.clone());
     let v1 = Router::new().route("/health", get(health)).merge(authed);
@@ -128,11 +133,39 @@ async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok" }))
 }
 
-/// Lets a request through if it carries `Authorization: Bearer <token>` of a known token.
-/// Who made an API call: the name of its token.
+/// Who made an API call: its token's name and what it may do.
 #[derive(Debug, Clone)]
-pub struct Caller(pub String);
+pub struct Caller(pub String, pub Scope);
 
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    Admin,
+    /// May deploy this one service and follow its deploys, nothing else.
+    Deploy(String),
+}
+
+impl Scope {
+    /// Whether a token of this scope may make this call (`path` below `/api/v1`).
+    pub fn allows(&self, method: &axum::http::Method, path: &str) -> bool {
+        let Scope::Deploy(service) = self else { return true };
+        use axum::http::Method;
+        let path = path.strip_prefix("/api/v1").unwrap_or(path);
+        let Some(rest) = path.strip_prefix("/services/").and_then(|p| p.strip_prefix(service.as_str())) else {
+            return false;
+        };
+        let deploy_id =
+            rest.strip_prefix("/deploys/").is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()));
+        match (method, rest) {
+            (&Method::GET, "") => true,
+            (&Method::POST, "/deploys") | (&Method::GET, "/deploys") => true,
+            (&Method::GET, _) if deploy_id => true,
+            _ => false,
+        }
+    }
+}
+
+/// Lets a request through if it carries `Authorization: Bearer <token>` of a known token whose
+/// scope allows the call.
 async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Result<Response, Error> {
     let Some(value) = req.headers().get(header::AUTHORIZATION) else {
         return Err(Error::Unauthorized("missing Authorization header: send \"Authorization: Bearer <token>\"".into()));
@@ -144,9 +177,55 @@ async fn authenticate(State(state): State<AppState>, mut req: Request, next: Nex
         .map(str::trim)
         .filter(|t| !t.is_empty())
         .ok_or_else(|| Error::Unauthorized("the Authorization header must be \"Bearer <token>\"".into()))?;
-    let Some(scope) = crate::server::db::token_scope(&state.db, &crate::server::token::hash(token)).await? else {
+    let Some(t) = crate::server::db::find_token(&state.db, &crate::server::token::hash(token)).await? else {
         return Err(Error::Unauthorized("invalid token".into()));
     };
-    req.extensions_mut().insert(Caller(scope));
+    let scope = match (t.scope.as_str(), t.service) {
+        ("deploy", Some(service)) => Scope::Deploy(service),
+        _ => Scope::Admin,
+    };
+    if !scope.allows(req.method(), req.uri().path()) {
+        let Scope::Deploy(service) = &scope else { unreachable!("admin may do anything") };
+        return Err(Error::Forbidden(format!(
+            "token {:?} may only deploy service {service:?} (POST /services/{service}/deploys) and read its deploys",
+            t.name
+        )));
+    }
+    req.extensions_mut().insert(Caller(t.name, scope));
     Ok(next.run(req).await)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::Method;
+
+    #[test]
+    fn deploy_tokens_reach_their_service_s_deploys_only() {
+        let s = Scope::Deploy("web".into());
+        for (m, p) in [
+            (Method::POST, "/api/v1/services/web/deploys"),
+            (Method::GET, "/services/web/deploys"),
+            (Method::GET, "/services/web/deploys/12"),
+            (Method::GET, "/services/web"),
+        ] {
+            assert!(s.allows(&m, p), "{m} {p}");
+        }
+        for (m, p) in [
+            (Method::POST, "/services/webx/deploys"),
+            (Method::POST, "/services/api/deploys"),
+            (Method::DELETE, "/services/web"),
+            (Method::PATCH, "/services/web/scaling"),
+            (Method::POST, "/services/web/env"),
+            (Method::GET, "/services/web/env"),
+            (Method::GET, "/services/web/logs"),
+            (Method::POST, "/services/web/rollback"),
+            (Method::GET, "/services"),
+            (Method::POST, "/tokens"),
+            (Method::GET, "/services/web/deploys/1/../../env"),
+        ] {
+            assert!(!s.allows(&m, p), "{m} {p}");
+        }
+        assert!(Scope::Admin.allows(&Method::DELETE, "/tokens/x"));
+    }
 }

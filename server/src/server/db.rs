@@ -508,12 +508,121 @@ pub async fn ensure_token(pool: &SqlitePool, name: &str, hash: &str, scope: &str
     Ok(())
 }
 
-/// The scope of the token whose hash is `hash`, if there is one.
-pub async fn token_scope(pool: &SqlitePool, hash: &str) -> anyhow::Result<Option<String>> {
-    let row = sqlx::query("SELECT scope FROM tokens WHERE hash = ?")
+/// A token as stored (never the token itself).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Token {
+    pub name: String,
+    /// `admin` or `deploy`.
+    pub scope: String,
+    /// The one service a `deploy` token may deploy.
+    pub service: Option<String>,
+    pub created_at: String,
+}
+
+fn token_from_row(r: &SqliteRow) -> anyhow::Result<Token> {
+    Ok(Token {
+        name: r.try_get("name")?,
+        scope: r.try_get("scope")?,
+        service: r.try_get("service")?,
+        created_at: r.try_get("created_at")?,
+    })
+}
+
+/// The token whose hash is `hash`, if there is one.
+pub async fn find_token(pool: &SqlitePool, hash: &str) -> anyhow::Result<Option<Token>> {
+    let row = sqlx::query("SELECT name, scope, service, created_at FROM tokens WHERE hash = ?")
         .bind(hash)
         .fetch_optional(pool)
         .await
         .context("looking up a token")?;
-    Ok(row.map(|r| r.get("scope")))
+    row.as_ref().map(token_from_row).transpose()
+}
+
+pub async fn list_tokens(pool: &SqlitePool) -> anyhow::Result<Vec<Token>> {
+    let rows = sqlx::query("SELECT name, scope, service, created_at FROM tokens ORDER BY name")
+        .fetch_all(pool)
+        .await
+        .context("listing tokens")?;
+    rows.iter().map(token_from_row).collect()
+}
+
+/// Records a new token; Duplicate if the name is taken.
+pub async fn insert_token(pool: &SqlitePool, t: &Token, hash: &str) -> Result<(), InsertError> {
+    let r = sqlx::query("INSERT INTO tokens (name, hash, scope, service, created_at) VALUES (?, ?, ?, ?, ?)")
+        .bind(&t.name)
+        .bind(hash)
+        .bind(&t.scope)
+        .bind(&t.service)
+        .bind(&t.created_at)
+        .execute(pool)
+        .await;
+    match r {
+        Ok(_) => Ok(()),
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(InsertError::Duplicate),
+        Err(e) => Err(InsertError::Other(anyhow::Error::new(e).context(format!("recording token {}", t.name)))),
+    }
+}
+
+/// Deletes a token; false if there is none by that name.
+pub async fn delete_token(pool: &SqlitePool, name: &str) -> anyhow::Result<bool> {
+    let r = sqlx::query("DELETE FROM tokens WHERE name = ?")
+        .bind(name)
+        .execute(pool)
+        .await
+        .with_context(|| format!("revoking token {name}"))?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// A service's extra host names, sorted.
+pub async fn list_domains(pool: &SqlitePool, service_id: i64) -> anyhow::Result<Vec<String>> {
+    let rows = sqlx::query("SELECT host FROM domains WHERE service_id = ? ORDER BY host")
+        .bind(service_id)
+        .fetch_all(pool)
+        .await
+        .context("listing domains")?;
+    Ok(rows.iter().map(|r| r.get("host")).collect())
+}
+
+/// Every extra host name with its service's name.
+pub async fn all_domains(pool: &SqlitePool) -> anyhow::Result<Vec<(String, String)>> {
+    let rows = sqlx::query("SELECT d.host, s.name FROM domains d JOIN services s ON s.id = d.service_id")
+        .fetch_all(pool)
+        .await
+        .context("listing domains")?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Gives `host` to a service; Duplicate if some service has it.
+pub async fn insert_domain(pool: &SqlitePool, service_id: i64, host: &str) -> Result<(), InsertError> {
+    let r = sqlx::query("INSERT INTO domains (host, service_id, created_at) VALUES (?, ?, ?)")
+        .bind(host)
+        .bind(service_id)
+        .bind(now())
+        .execute(pool)
+        .await;
+    match r {
+        Ok(_) => Ok(()),
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(InsertError::Duplicate),
+        Err(e) => Err(InsertError::Other(anyhow::Error::new(e).context(format!("adding domain {host}")))),
+    }
+}
+
+/// The service that has `host`, if any.
+pub async fn domain_owner(pool: &SqlitePool, host: &str) -> anyhow::Result<Option<String>> {
+    let row = sqlx::query("SELECT s.name FROM domains d JOIN services s ON s.id = d.service_id WHERE d.host = ?")
+        .bind(host)
+        .fetch_optional(pool)
+        .await
+        .context("looking up a domain")?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+pub async fn delete_domain(pool: &SqlitePool, service_id: i64, host: &str) -> anyhow::Result<bool> {
+    let r = sqlx::query("DELETE FROM domains WHERE service_id = ? AND host = ?")
+        .bind(service_id)
+        .bind(host)
+        .execute(pool)
+        .await
+        .with_context(|| format!("removing domain {host}"))?;
+    Ok(r.rows_affected() == 1)
 }

@@ -1039,6 +1039,8 @@ fn crash_backoff(crashes: u32) -> Duration {
 /// Every service's live state, by name, and how a host name maps to one.
 pub struct Platform {
     services: dashmap::DashMap<String, Arc<Service>>,
+    /// Extra host names (`berth domains`) → service name.
+    hosts: dashmap::DashMap<String, String>,
     /// `.<domain>`: a host `<name>.<domain>` is service `<name>`.
     suffix: String,
     control_host: String,
@@ -1054,7 +1056,12 @@ pub enum Route {
 
 impl Platform {
     pub fn new(domain: &str, control_host: &str) -> Platform {
-        Platform { services: dashmap::DashMap::new(), suffix: format!(".{domain}"), control_host: control_host.into() }
+        Platform {
+            services: dashmap::DashMap::new(),
+            hosts: dashmap::DashMap::new(),
+            suffix: format!(".{domain}"),
+            control_host: control_host.into(),
+        }
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Service>> {
@@ -1066,7 +1073,17 @@ impl Platform {
     }
 
     pub fn remove(&self, name: &str) -> Option<Arc<Service>> {
+        self.hosts.retain(|_, svc| svc != name);
         self.services.remove(name).map(|(_, s)| s)
+    }
+
+    /// Routes `host` (normalised) to service `name` too.
+    pub fn add_host(&self, host: &str, name: &str) {
+        self.hosts.insert(host.to_string(), name.to_string());
+    }
+
+    pub fn remove_host(&self, host: &str) {
+        self.hosts.remove(host);
     }
 
     pub fn all(&self) -> Vec<Arc<Service>> {
@@ -1078,6 +1095,11 @@ impl Platform {
         let host = normalize_host(host);
         if host == self.control_host {
             return Route::Control;
+        }
+        if let Some(name) = self.hosts.get(&host).map(|n| n.clone()) {
+            if let Some(svc) = self.get(&name) {
+                return Route::Service(svc, None);
+            }
         }
         if let Some(name) = host.strip_suffix(self.suffix.as_str()) {
             if !name.contains('.') {

@@ -18,7 +18,7 @@ pub fn hash(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
-fn generate() -> anyhow::Result<String> {
+pub fn generate() -> anyhow::Result<String> {
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("reading random bytes for the admin token: {e}"))?;
     Ok(format!("berth_{}", hex::encode(bytes)))

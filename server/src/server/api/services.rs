@@ -32,6 +32,7 @@ pub fn router() -> Router<AppState> {
         .route("/services/{name}/logs", get(logs))
         .merge(super::traffic::router())
         .merge(super::env::router())
+        .merge(super::domains::router())
 }
 
 /// The service settings a create, update or deploy may carry.
@@ -95,6 +96,8 @@ pub(super) struct View {
     traffic: Vec<platform::TrafficView>,
     /// Tag → revision; each answers at `<tag>--<service>.<domain>`.
     tags: BTreeMap<String, i64>,
+    /// Extra host names it answers at.
+    domains: Vec<String>,
     /// Revisions whose autoscaler is in panic mode.
     panicking: Vec<i64>,
     image: Option<String>,
@@ -116,7 +119,13 @@ pub(super) struct View {
 }
 
 impl View {
-    fn new(state: &AppState, s: Service, live: Option<Snapshot>, last_deploy: Option<db::Deploy>) -> View {
+    fn new(
+        state: &AppState,
+        s: Service,
+        live: Option<Snapshot>,
+        last_deploy: Option<db::Deploy>,
+        domains: Vec<String>,
+    ) -> View {
         let live = live.unwrap_or(Snapshot {
             revision: None,
             traffic: Vec::new(),
@@ -141,6 +150,7 @@ impl View {
             revision: s.revision,
             traffic: live.traffic,
             tags: live.tags,
+            domains,
             panicking: live.panicking,
             image: live.revision.as_ref().map(|r| r.image.clone()),
             status: live.status,
@@ -307,7 +317,8 @@ async fn list(State(state): State<AppState>) -> Result<Json<serde_json::Value>, 
     for s in db::list_services(&state.db).await? {
         let live = state.platform.get(&s.name).map(|l| l.snapshot());
         let last = db::list_deploys(&state.db, &s.name, 1).await?.pop();
-        services.push(View::new(&state, s, live, last));
+        let domains = db::list_domains(&state.db, s.id).await?;
+        services.push(View::new(&state, s, live, last, domains));
     }
     Ok(Json(serde_json::json!({ "services": services })))
 }
@@ -340,7 +351,8 @@ pub(super) async fn view(state: &AppState, name: &str) -> Result<View, Error> {
     let s = find(state, name).await?;
     let live = state.platform.get(name).map(|l| l.snapshot());
     let last = db::list_deploys(&state.db, name, 1).await?.pop();
-    Ok(View::new(state, s, live, last))
+    let domains = db::list_domains(&state.db, s.id).await?;
+    Ok(View::new(state, s, live, last, domains))
 }
 
 async fn read(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<View>, Error> {
