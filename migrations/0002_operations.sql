@@ -25,3 +25,11 @@ CREATE TABLE domains (
 );
 
 CREATE INDEX domains_service ON domains(service_id);
+
+-- Named volumes mounted into a service: a JSON array [{"volume": "data", "path": "/data"}];
+-- a volume is the directory <data-dir>/volumes/<volume>, kept across revisions and restarts.
+ALTER TABLE services ADD COLUMN volumes TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE revisions ADD COLUMN volumes TEXT NOT NULL DEFAULT '[]';
+-- Run once (`/bin/sh -c`) in a new revision's image before it takes traffic; NULL: none.
+ALTER TABLE services ADD COLUMN release_command TEXT;
+ALTER TABLE revisions ADD COLUMN release_command TEXT;

@@ -386,3 +386,100 @@ fn deploy_tokens_deploy_one_service_only_and_domains_route_to_their_service() {
     s.cli_ok(&b, &["domains", "other", "add", "www.example.com"]);
     assert_eq!(request(s.http, "GET", "www.example.com", "/", &[], b"").unwrap().status, 200);
 }
+
+/// Names of the containers of `service` that the engine knows (any state).
+fn containers_of(b: &Berth, service: &str) -> Vec<String> {
+    let v: Value = serde_json::from_str(&b.ok(&["container", "ls", "--all", "--json"])).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["spec"]["labels"]["berth.service"] == service)
+        .map(|c| c["spec"]["name"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+#[test]
+fn volumes_keep_data_across_revisions_zero_and_restarts_and_release_commands_gate_the_deploy() {
+    let b = Berth::new();
+    let mut s = Server::start(&b, &[]);
+    deploy(&s, &b, "vol", &["--volume", "data:/data", "--env", "V=one"]);
+    let r = request(s.http, "PUT", &format!("vol.{}", s.domain), "/file/data/note", &[], b"from revision 1").unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    deploy(&s, &b, "vol", &["--env", "V=two"]);
+    assert_eq!(s.get("vol", "/env/V").text(), "two");
+    assert_eq!(s.get("vol", "/file/data/note").text(), "from revision 1", "revision 2 reads revision 1's file");
+    // To zero and back.
+    s.cli_ok(&b, &["scale", "vol", "--freeze-after", "200ms", "--stop-after", "400ms"]);
+    s.wait_service("vol", Duration::from_secs(20), "zero instances", |v| v["instances"].as_array().unwrap().is_empty());
+    assert_eq!(s.get("vol", "/file/data/note").text(), "from revision 1", "after a restart from zero");
+    s.stop();
+    s.restart(&b);
+    assert_eq!(s.get("vol", "/file/data/note").text(), "from revision 1", "after a server restart");
+
+    // A release command runs in the new revision's image, with its env and volumes, before the
+    // traffic moves.
+    let out =
+        deploy(&s, &b, "vol", &["--env", "V=three", "--release-command", "echo \"migrated to $V\" >> /data/releases"]);
+    assert!(out.contains("revision 3 is serving"), "{out}");
+    assert_eq!(s.get("vol", "/file/data/releases").text(), "migrated to three\n");
+    let d = s.service("vol")["last_deploy"].clone();
+    assert_eq!(d["status"], "succeeded");
+    // A failing one aborts the deploy with its output; the old revision serves on.
+    let image = python();
+    let out = s.cli(
+        &b,
+        &[
+            "deploy",
+            "vol",
+            "--image",
+            &image,
+            "--env",
+            "V=four",
+            "--release-command",
+            "echo boom >&2; exit 7",
+            "--wait",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("release command failed") && err.contains("exited with code 7") && err.contains("boom"),
+        "{err}"
+    );
+    assert_eq!(s.get("vol", "/env/V").text(), "three");
+    assert_eq!(s.get("vol", "/file/data/releases").text(), "migrated to three\n", "the failed deploy ran nothing else");
+    assert!(
+        s.service("vol")["release_command"].as_str().unwrap().contains("migrated"),
+        "the failed deploy's settings are not kept"
+    );
+    // A revision that exits at once fails its deploy with the exit code and its last lines.
+    let out = s.cli(
+        &b,
+        &["deploy", "vol", "--image", &image, "--env", "BIND=no.such.host.invalid", "--release-command", "", "--wait"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("exited with code 1") && err.contains("last log lines") && err.contains("gaierror"), "{err}");
+    assert_eq!(s.get("vol", "/env/V").text(), "three");
+    // No release container is left behind.
+    assert!(
+        Berth::wait_until(Duration::from_secs(10), || !containers_of(&b, "vol")
+            .iter()
+            .any(|n| n.ends_with("-release"))),
+        "{:?}",
+        containers_of(&b, "vol")
+    );
+    for (args, want) in [
+        (&["deploy", "vol", "--image", &image, "--volume", "nocolon"][..], "expected NAME:PATH"),
+        (&["deploy", "vol", "--image", &image, "--volume", "Data:/x"][..], "volumes[0].volume"),
+        (&["deploy", "vol", "--image", &image, "--volume", "d:relative"][..], "volumes[0].path"),
+        (
+            &["deploy", "vol", "--image", &image, "--volume", "d:/a", "--volume", "e:/a"][..],
+            "two volumes are mounted at /a",
+        ),
+    ] {
+        let out = s.cli(&b, args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains(want), "{args:?}: {out:?}");
+    }
+}

@@ -248,8 +248,12 @@ async fn load_services(state: &api::AppState) -> anyhow::Result<usize> {
         };
         // Only started instances: a container still `created` was being started, or was a
         // prepared one whose server (the previous one) is gone; it is removed.
-        let started =
-            matches!(c.state.status, berth_agent::container::Status::Running | berth_agent::container::Status::Paused);
+        // A release command's container is never an instance: the deploy it belonged to failed.
+        let started = !c.spec.labels.contains_key(instance::LABEL_RELEASE)
+            && matches!(
+                c.state.status,
+                berth_agent::container::Status::Running | berth_agent::container::Status::Paused
+            );
         match (live, rev, c.is_running() && started, c.state.ip()) {
             (Some(live), Some(rev), true, Some(ip)) => {
                 let frozen = c.state.status == berth_agent::container::Status::Paused;
@@ -282,6 +286,7 @@ pub fn to_live_revision(
         env: r.env.clone(),
         secrets: keys.open_all(service, &r.secrets)?,
         health_path: r.health_path.clone(),
+        volumes: r.volumes.clone(),
     })
 }
 

@@ -42,6 +42,13 @@ pub struct DeployArgs {
     /// An HTTP path that must answer 2xx before an instance takes traffic.
     #[arg(long, value_name = "PATH")]
     pub health_path: Option<String>,
+    /// Mount a named volume (repeatable): `--volume data:/var/lib/app`; replaces the service's list.
+    #[arg(long = "volume", value_name = "NAME:PATH")]
+    pub volumes: Vec<String>,
+    /// Run this (with /bin/sh -c) once in each new revision before it takes traffic, like
+    /// database migrations; a failure aborts the deploy. "" removes it.
+    #[arg(long, value_name = "CMD")]
+    pub release_command: Option<String>,
     /// Wait until the new revision serves (or the deploy fails), showing progress.
     #[arg(long)]
     pub wait: bool,
@@ -211,6 +218,19 @@ pub fn deploy(conn: &Conn, data_dir: &Path, a: &DeployArgs) -> Result<i32> {
     }
     if let Some(t) = &a.timeout {
         body["timeout"] = t.clone().into();
+    }
+    if !a.volumes.is_empty() {
+        let mut list = Vec::new();
+        for v in &a.volumes {
+            let Some((name, path)) = v.split_once(':') else {
+                bail!("--volume {v:?}: expected NAME:PATH, like data:/var/lib/app");
+            };
+            list.push(serde_json::json!({ "volume": name, "path": path }));
+        }
+        body["volumes"] = list.into();
+    }
+    if let Some(c) = &a.release_command {
+        body["release_command"] = c.clone().into();
     }
     let path = format!("/services/{}/deploys", a.name);
     crate::cli::runtime().block_on(async {

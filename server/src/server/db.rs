@@ -8,7 +8,7 @@ use anyhow::Context;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow};
 use sqlx::Row;
 
-use super::platform::TrafficView;
+use super::platform::{TrafficView, VolumeMount};
 use super::scaling::Scaling;
 
 /// The database file under the data directory.
@@ -44,6 +44,8 @@ pub struct Service {
     /// Secret variables, sealed (see [`super::secrets`]).
     pub secrets: BTreeMap<String, String>,
     pub health_path: Option<String>,
+    pub volumes: Vec<VolumeMount>,
+    pub release_command: Option<String>,
     pub scaling: Scaling,
     /// The revision the last deploy or rollback put in service.
     pub revision: Option<i64>,
@@ -55,7 +57,7 @@ pub struct Service {
     pub updated_at: String,
 }
 
-const SERVICE_COLUMNS: &str = "id, name, port, env, secrets, health_path, min, max, concurrency, freeze_after_ms, \
+const SERVICE_COLUMNS: &str = "id, name, port, env, secrets, health_path, volumes, release_command, min, max, concurrency, freeze_after_ms, \
                                stop_after_ms, request_timeout_ms, queue, target, stable_window_ms, revision, traffic, tags, \
                                created_at, updated_at";
 
@@ -83,6 +85,9 @@ fn service_from_row(row: &SqliteRow) -> anyhow::Result<Service> {
         env,
         secrets: env_from(&name, &row.try_get::<String, _>("secrets")?)?,
         health_path: row.try_get("health_path")?,
+        volumes: serde_json::from_str(&row.try_get::<String, _>("volumes")?)
+            .with_context(|| format!("service {name}: stored volumes"))?,
+        release_command: row.try_get("release_command")?,
         scaling: Scaling {
             min: u32_of("min")?,
             max: u32_of("max")?,
@@ -143,15 +148,17 @@ pub async fn insert_service(pool: &SqlitePool, s: &Service) -> Result<i64, Inser
     let env = serde_json::to_string(&s.env).map_err(|e| InsertError::Other(e.into()))?;
     let sc = &s.scaling;
     let q = sqlx::query(
-        "INSERT INTO services (name, port, env, secrets, health_path, min, max, concurrency, freeze_after_ms, \
+        "INSERT INTO services (name, port, env, secrets, health_path, volumes, release_command, min, max, concurrency, freeze_after_ms, \
          stop_after_ms, request_timeout_ms, queue, target, stable_window_ms, revision, created_at, updated_at) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?)",
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?)",
     )
     .bind(&s.name)
     .bind(s.port.map(i64::from))
     .bind(env)
     .bind(serde_json::to_string(&s.secrets).map_err(|e| InsertError::Other(e.into()))?)
-    .bind(&s.health_path);
+    .bind(&s.health_path)
+    .bind(serde_json::to_string(&s.volumes).map_err(|e| InsertError::Other(e.into()))?)
+    .bind(&s.release_command);
     let result = bind_scaling(q, sc).bind(&s.created_at).bind(&s.updated_at).execute(pool).await;
     match result {
         Ok(r) => Ok(r.last_insert_rowid()),
@@ -180,16 +187,21 @@ pub async fn list_services(pool: &SqlitePool) -> anyhow::Result<Vec<Service>> {
 /// Sets what the next deploy of a service uses (its port, env, secrets, health path).
 pub async fn set_service_config(pool: &SqlitePool, s: &Service) -> anyhow::Result<()> {
     let id = s.id;
-    sqlx::query("UPDATE services SET port = ?, env = ?, secrets = ?, health_path = ?, updated_at = ? WHERE id = ?")
-        .bind(s.port.map(i64::from))
-        .bind(serde_json::to_string(&s.env)?)
-        .bind(serde_json::to_string(&s.secrets)?)
-        .bind(&s.health_path)
-        .bind(now())
-        .bind(id)
-        .execute(pool)
-        .await
-        .context("updating a service")?;
+    sqlx::query(
+        "UPDATE services SET port = ?, env = ?, secrets = ?, health_path = ?, volumes = ?, release_command = ?, \
+         updated_at = ? WHERE id = ?",
+    )
+    .bind(s.port.map(i64::from))
+    .bind(serde_json::to_string(&s.env)?)
+    .bind(serde_json::to_string(&s.secrets)?)
+    .bind(&s.health_path)
+    .bind(serde_json::to_string(&s.volumes)?)
+    .bind(&s.release_command)
+    .bind(now())
+    .bind(id)
+    .execute(pool)
+    .await
+    .context("updating a service")?;
     Ok(())
 }
 
@@ -229,11 +241,14 @@ pub struct Revision {
     /// Sealed, as the service's were when the revision was made.
     pub secrets: BTreeMap<String, String>,
     pub health_path: Option<String>,
+    pub volumes: Vec<VolumeMount>,
+    pub release_command: Option<String>,
     pub created_at: String,
     pub served_at: Option<String>,
 }
 
-const REVISION_COLUMNS: &str = "number, image, image_id, port, env, secrets, health_path, created_at, served_at";
+const REVISION_COLUMNS: &str =
+    "number, image, image_id, port, env, secrets, health_path, volumes, release_command, created_at, served_at";
 
 fn revision_from_row(row: &SqliteRow) -> anyhow::Result<Revision> {
     let env: String = row.try_get("env")?;
@@ -246,6 +261,8 @@ fn revision_from_row(row: &SqliteRow) -> anyhow::Result<Revision> {
         env: env_from("revision", &env)?,
         secrets: env_from("revision", &row.try_get::<String, _>("secrets")?)?,
         health_path: row.try_get("health_path")?,
+        volumes: serde_json::from_str(&row.try_get::<String, _>("volumes")?).context("stored revision volumes")?,
+        release_command: row.try_get("release_command")?,
         created_at: row.try_get("created_at")?,
         served_at: row.try_get("served_at")?,
     })
@@ -283,8 +300,9 @@ pub async fn insert_revision(
 ) -> anyhow::Result<Revision> {
     let created_at = now();
     let row = sqlx::query(
-        "INSERT INTO revisions (service_id, number, image, image_id, port, env, secrets, health_path, created_at) \
-         VALUES (?, (SELECT COALESCE(MAX(number), 0) + 1 FROM revisions WHERE service_id = ?), ?, ?, ?, ?, ?, ?, ?) \
+        "INSERT INTO revisions (service_id, number, image, image_id, port, env, secrets, health_path, volumes, \
+         release_command, created_at) \
+         VALUES (?, (SELECT COALESCE(MAX(number), 0) + 1 FROM revisions WHERE service_id = ?), ?, ?, ?, ?, ?, ?, ?, ?, ?) \
          RETURNING number",
     )
     .bind(s.id)
@@ -295,6 +313,8 @@ pub async fn insert_revision(
     .bind(serde_json::to_string(&s.env)?)
     .bind(serde_json::to_string(&s.secrets)?)
     .bind(&s.health_path)
+    .bind(serde_json::to_string(&s.volumes)?)
+    .bind(&s.release_command)
     .bind(&created_at)
     .fetch_one(pool)
     .await
@@ -307,6 +327,8 @@ pub async fn insert_revision(
         env: s.env.clone(),
         secrets: s.secrets.clone(),
         health_path: s.health_path.clone(),
+        volumes: s.volumes.clone(),
+        release_command: s.release_command.clone(),
         created_at,
         served_at: None,
     })

@@ -159,6 +159,23 @@ async fn steps(
         }
     };
     let revision = super::to_live_revision(&state.keys, &service.name, &rev).map_err(|e| format!("{e:#}"))?;
+    if let (Some(cmd), false) = (&rev.release_command, matches!(source, Source::Revision(_))) {
+        // Before the traffic moves (database migrations); a rollback does not run it again.
+        db::update_deploy(&state.db, id, "releasing", Some(rev.number), None, false)
+            .await
+            .map_err(|e| format!("{e:#}"))?;
+        say(format!("revision {}: running the release command: {cmd}", rev.number));
+        let (engine, dir, name, r, c) =
+            (state.engine.clone(), state.data_dir.clone(), service.name.clone(), revision.clone(), cmd.clone());
+        let out =
+            tokio::task::spawn_blocking(move || super::instance::run_release(&engine, &dir, &name, &r, &c, timeout))
+                .await
+                .map_err(|e| format!("the release command's task failed: {e}"))?;
+        match out {
+            Ok(tail) => say(format!("revision {}: the release command succeeded{tail}", rev.number)),
+            Err(why) => return Err(format!("revision {}: the release command failed: {why}", rev.number)),
+        }
+    }
     let (tx, rx) = oneshot::channel();
     live.start_candidate(revision.clone(), timeout, tx);
     match rx.await {

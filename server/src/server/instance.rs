@@ -18,6 +18,8 @@ use super::platform::{Action, Revision, Service};
 /// Container labels that tie a container to its service and revision (for re-adoption).
 pub const LABEL_SERVICE: &str = "berth.service";
 pub const LABEL_REVISION: &str = "berth.revision";
+/// Marks a release command's container (never an instance).
+pub const LABEL_RELEASE: &str = "berth.release";
 
 /// How long a stopping instance gets between its stop signal and SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -130,11 +132,11 @@ impl Executor {
         if already || svc.is_deleted() {
             return;
         }
-        let (name, r) = (svc.name.clone(), rev.clone());
+        let (name, r, dir) = (svc.name.clone(), rev.clone(), self.data_dir.clone());
         let made = self
             .blocking(move |e| -> Result<berth_agent::engine::Prepared, String> {
                 let image = e.images().get(&r.image_id).map_err(|err| err.to_string())?;
-                e.prepare(&image, &r.image, run_options(&name, &r)).map_err(|err| err.to_string())
+                e.prepare(&image, &r.image, run_options(&dir, &name, &r)?).map_err(|err| err.to_string())
             })
             .await;
         let p = match made {
@@ -219,7 +221,7 @@ impl Executor {
         timeout: Duration,
     ) -> Result<SocketAddr, String> {
         let deadline = Instant::now() + timeout;
-        let (name, r) = (svc.name.clone(), rev.clone());
+        let (name, r, dir) = (svc.name.clone(), rev.clone(), self.data_dir.clone());
         let prepared = self.take_prepared(svc.id, rev.number);
         let started = self
             .blocking(move |e| -> Result<(String, Option<std::net::Ipv4Addr>), String> {
@@ -238,7 +240,8 @@ impl Executor {
                     .images()
                     .get(&r.image_id)
                     .map_err(|err| format!("image {} ({}) is not in the store: {err}", r.image, r.image_id))?;
-                let (c, _) = e.run(&image, &r.image, run_options(&name, &r), false).map_err(|err| err.to_string())?;
+                let (c, _) =
+                    e.run(&image, &r.image, run_options(&dir, &name, &r)?, false).map_err(|err| err.to_string())?;
                 Ok((c.id.clone(), c.state.ip()))
             })
             .await?;
@@ -338,8 +341,19 @@ impl Executor {
     }
 }
 
-/// What a service's container is started with.
-pub fn run_options(service: &str, rev: &Revision) -> RunOptions {
+/// Where named volumes live: `<data-dir>/volumes/<volume>`.
+pub fn volume_dir(data_dir: &Path, volume: &str) -> PathBuf {
+    data_dir.join("volumes").join(volume)
+}
+
+/// What a service's container is started with (its volumes' directories made if new).
+pub fn run_options(data_dir: &Path, service: &str, rev: &Revision) -> Result<RunOptions, String> {
+    let mut mounts = Vec::new();
+    for v in &rev.volumes {
+        let source = volume_dir(data_dir, &v.volume);
+        std::fs::create_dir_all(&source).map_err(|e| format!("creating volume {}: {e}", v.volume))?;
+        mounts.push(berth_agent::engine::Mount { source, destination: v.path.clone(), read_only: false });
+    }
     let mut env: Vec<String> = rev.env.iter().chain(rev.secrets.0.iter()).map(|(k, v)| format!("{k}={v}")).collect();
     if !rev.env.contains_key("PORT") && !rev.secrets.0.contains_key("PORT") {
         env.push(format!("PORT={}", rev.port));
@@ -352,7 +366,7 @@ pub fn run_options(service: &str, rev: &Revision) -> RunOptions {
     }
     let mut suffix = [0u8; 3];
     getrandom::fill(&mut suffix).expect("the kernel's random source");
-    RunOptions {
+    Ok(RunOptions {
         name: Some(format!("{service}-r{}-{}", rev.number, hex::encode(suffix))),
         env,
         hostname: Some(service.to_string()),
@@ -361,7 +375,56 @@ pub fn run_options(service: &str, rev: &Revision) -> RunOptions {
             (LABEL_REVISION.to_string(), rev.number.to_string()),
         ]
         .into(),
+        mounts,
         ..RunOptions::default()
+    })
+}
+
+/// Runs a revision's release command once, to completion, in a container of its image with
+/// its env, secrets and volumes (`/bin/sh -c COMMAND`); stopped after `timeout`. Ok with the
+/// output's tail if it exited 0, else why not. Blocking.
+pub fn run_release(
+    engine: &Engine,
+    data_dir: &Path,
+    service: &str,
+    rev: &Revision,
+    command: &str,
+    timeout: Duration,
+) -> Result<String, String> {
+    let image = engine.images().get(&rev.image_id).map_err(|e| format!("image {}: {e}", rev.image))?;
+    let mut opts = run_options(data_dir, service, rev)?;
+    opts.name = opts.name.map(|n| format!("{n}-release"));
+    opts.entrypoint = Some(vec!["/bin/sh".into(), "-c".into()]);
+    opts.cmd = Some(vec![command.to_string()]);
+    opts.labels.insert(LABEL_RELEASE.to_string(), "1".to_string());
+    let (c, attach) = engine.run(&image, &rev.image, opts, true).map_err(|e| format!("starting it: {e}"))?;
+    let id = c.id.clone();
+    let deadline = Instant::now() + timeout;
+    let mut stopped = false;
+    if let Some(mut a) = attach {
+        a.wait(Duration::from_millis(200), || {
+            if !stopped && Instant::now() >= deadline {
+                stopped = true;
+                let _ = engine.stop(&id, Some(Duration::from_secs(2)));
+            }
+        });
+    }
+    // The shim records the exit just after it tells the attached client.
+    let mut state = engine.get(&id).map(|c| c.state);
+    for _ in 0..50 {
+        if state.as_ref().is_ok_and(|s| s.exit_code.is_some()) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        state = engine.get(&id).map(|c| c.state);
+    }
+    let tail = log_tail(engine, &id);
+    let _ = engine.remove(&id, true);
+    let state = state.map_err(|e| format!("reading its state: {e}"))?;
+    match state.exit_code {
+        Some(0) if !stopped => Ok(tail),
+        _ if stopped => Err(format!("it ran longer than {}s and was stopped{tail}", timeout.as_secs())),
+        _ => Err(format!("{}{tail}", state.describe_exit())),
     }
 }
 

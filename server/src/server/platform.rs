@@ -34,6 +34,15 @@ pub struct Revision {
     /// Secret variables, opened: in memory only.
     pub secrets: super::secrets::Plain,
     pub health_path: Option<String>,
+    pub volumes: Vec<VolumeMount>,
+}
+
+/// A named volume mounted at `path` in a service's instances.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeMount {
+    pub volume: String,
+    pub path: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -1143,6 +1152,7 @@ mod tests {
             env: Default::default(),
             secrets: Default::default(),
             health_path: None,
+            volumes: Vec::new(),
         }
     }
 

@@ -55,6 +55,12 @@ pub(super) struct Settings {
     pub(super) unset_secrets: Vec<String>,
     #[serde(default)]
     health_path: Option<String>,
+    /// Named volumes and where they are mounted (replaces the list).
+    #[serde(default)]
+    volumes: Option<Vec<platform::VolumeMount>>,
+    /// Run once in each new revision before it takes traffic ("": none).
+    #[serde(default)]
+    release_command: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -89,6 +95,8 @@ pub(super) struct View {
     /// The names of the secret variables (their values are never shown).
     secrets: Vec<String>,
     health_path: Option<String>,
+    volumes: Vec<platform::VolumeMount>,
+    release_command: Option<String>,
     scaling: scaling::View,
     /// The revision the last deploy or rollback put in service.
     revision: Option<i64>,
@@ -147,6 +155,8 @@ impl View {
             env: s.env,
             secrets: s.secrets.into_keys().collect(),
             health_path: s.health_path,
+            volumes: s.volumes,
+            release_command: s.release_command,
             revision: s.revision,
             traffic: live.traffic,
             tags: live.tags,
@@ -225,6 +235,16 @@ pub(super) fn apply(keys: &crate::server::secrets::Keyring, service: &mut Servic
     if s.port.is_some() {
         service.port = s.port;
     }
+    if let Some(v) = &s.volumes {
+        check_volumes(v).map_err(Error::BadRequest)?;
+        service.volumes = v.clone();
+    }
+    if let Some(c) = &s.release_command {
+        if c.contains('\0') {
+            return Err(Error::BadRequest("release_command: contains a NUL byte".into()));
+        }
+        service.release_command = if c.trim().is_empty() { None } else { Some(c.clone()) };
+    }
     for k in &s.unset_env {
         service.env.remove(k);
     }
@@ -256,6 +276,30 @@ pub(super) fn apply(keys: &crate::server::secrets::Keyring, service: &mut Servic
     Ok(())
 }
 
+/// Volume names are DNS labels; each is mounted once, at an absolute path of its own.
+fn check_volumes(v: &[platform::VolumeMount]) -> Result<(), String> {
+    for (i, m) in v.iter().enumerate() {
+        crate::server::settings::label_problem(&m.volume)
+            .map_err(|e| format!("volumes[{i}].volume: {:?} {e} (a volume name is a DNS label)", m.volume))?;
+        let p = &m.path;
+        if !p.starts_with('/') || p == "/" || p.split('/').any(|c| c == ".." || c == ".") || p.contains('\0') {
+            return Err(format!(
+                "volumes[{i}].path: {p:?} must be an absolute path inside the container, not / and without . or .."
+            ));
+        }
+        if p.starts_with("/proc") || p.starts_with("/sys") {
+            return Err(format!("volumes[{i}].path: {p:?} is the kernel's"));
+        }
+        if v[..i].iter().any(|o| o.volume == m.volume) {
+            return Err(format!("volumes[{i}]: volume {} is listed twice", m.volume));
+        }
+        if v[..i].iter().any(|o| o.path.trim_end_matches('/') == p.trim_end_matches('/')) {
+            return Err(format!("volumes[{i}]: two volumes are mounted at {p}"));
+        }
+    }
+    Ok(())
+}
+
 fn parse_image(image: &str) -> Result<berth_agent::reference::Reference, Error> {
     image.parse().map_err(|e| Error::BadRequest(format!("image: {e}")))
 }
@@ -277,6 +321,8 @@ async fn insert(state: &AppState, name: &str, settings: &Settings) -> Result<Ser
         env: BTreeMap::new(),
         secrets: BTreeMap::new(),
         health_path: None,
+        volumes: Vec::new(),
+        release_command: None,
         scaling: Scaling::default(),
         revision: None,
         traffic: None,
@@ -605,7 +651,8 @@ async fn revisions(State(state): State<AppState>, Path(name): Path<String>) -> R
         .map(|r| {
             serde_json::json!({
                 "number": r.number, "image": r.image, "image_id": r.image_id, "port": r.port,
-                "env": r.env, "secrets": r.secrets.keys().collect::<Vec<_>>(), "health_path": r.health_path, "created_at": r.created_at,
+                "env": r.env, "secrets": r.secrets.keys().collect::<Vec<_>>(), "health_path": r.health_path,
+                "volumes": r.volumes, "release_command": r.release_command, "created_at": r.created_at,
                 "served_at": r.served_at,
                 "serving": traffic.iter().any(|t| t.revision == r.number && t.percent > 0),
                 "percent": traffic.iter().find(|t| t.revision == r.number).map_or(0, |t| t.percent),
