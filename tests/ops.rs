@@ -483,3 +483,36 @@ fn volumes_keep_data_across_revisions_zero_and_restarts_and_release_commands_gat
         assert!(String::from_utf8_lossy(&out.stderr).contains(want), "{args:?}: {out:?}");
     }
 }
+
+#[test]
+fn a_service_reaches_another_at_zero_by_its_internal_name_and_not_directly() {
+    let b = Berth::new();
+    let s = Server::start(&b, &[]);
+    deploy(&s, &b, "callee", &["--env", "V=callee here"]);
+    deploy(&s, &b, "caller", &[]);
+    s.cli_ok(&b, &["scale", "callee", "--freeze-after", "100ms", "--stop-after", "200ms"]);
+    s.wait_service("callee", Duration::from_secs(20), "callee at zero", |v| {
+        v["instances"].as_array().unwrap().is_empty()
+    });
+    // Held, started, answered: through Berth's proxy, by name.
+    let r = s.get("caller", "/fetch/callee.internal/env/V");
+    assert_eq!((r.status, r.text()), (200, "callee here".into()));
+    let started = s.service("callee")["instances"].as_array().unwrap().len();
+    assert_eq!(started, 1, "the callee was started for the call");
+    // Names of no service do not resolve; the outside world cannot use .internal names.
+    let r = s.get("caller", "/fetch/nope.internal/");
+    assert_eq!(r.status, 502);
+    assert!(r.text().contains("fetch failed"), "{}", r.text());
+    let r = request(s.http, "GET", "callee.internal", "/", &[], b"").unwrap();
+    assert_eq!((r.status, r.header("berth-error")), (404, Some("unknown-host")));
+    // Directly, container to container, stays blocked.
+    let addr = s.service("callee")["instances"][0]["address"].as_str().unwrap().to_string();
+    let (ip, port) = addr.split_once(':').unwrap();
+    let r = s.get("caller", &format!("/connect/{ip}/{port}"));
+    assert_eq!(r.status, 502, "direct: {}", r.text());
+    // Other names still resolve through the host's resolvers (the relay answers, even if
+    // the name is unknown there).
+    let r = s.get("caller", "/fetch/localhost.invalid/");
+    assert_eq!(r.status, 502);
+    assert!(!r.text().contains("timed out"), "the relay answers: {}", r.text());
+}

@@ -14,6 +14,7 @@ pub mod autoscale;
 pub mod db;
 pub mod deploy;
 pub mod instance;
+pub mod internal;
 pub mod logs;
 pub mod platform;
 pub mod proxy;
@@ -102,7 +103,7 @@ pub fn main(data_dir: &Path, config: Option<&Path>, args: &Args) -> i32 {
     }
 }
 
-async fn serve(data_dir: &Path, cfg: berth_agent::Config, settings: Settings) -> anyhow::Result<()> {
+async fn serve(data_dir: &Path, mut cfg: berth_agent::Config, settings: Settings) -> anyhow::Result<()> {
     // Bind first: a port in use is the likeliest failure, and it should leave nothing behind.
     let api_listener = tokio::net::TcpListener::bind(settings.api_addr)
         .await
@@ -115,6 +116,32 @@ async fn serve(data_dir: &Path, cfg: berth_agent::Config, settings: Settings) ->
     std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
     let subnet = berth_agent::network::validate(&cfg.network).context("[network]")?;
     let bridge = cfg.network.bridge.clone();
+    // Service to service (see `internal`): the bridge's gateway address answers DNS for
+    // `<service>.internal` and takes HTTP on port 80, so the bridge must exist now.
+    let net = berth_agent::network::Network::new(&cfg.network, &data_dir.join("network")).context("[network]")?;
+    tokio::task::spawn_blocking(move || net.ensure_bridge()).await?.context("setting up the containers' bridge")?;
+    let gateway = subnet.gateway();
+    let internal_http = match tokio::net::TcpListener::bind((gateway, 80)).await {
+        Ok(l) => Some(l),
+        Err(e) => {
+            let covered = settings.http_addr.port() == 80 && settings.http_addr.ip().is_unspecified();
+            if !covered {
+                tracing::warn!(error = %e, %gateway, "cannot listen on the gateway's port 80: http://<service>.internal will not work");
+            }
+            None
+        }
+    };
+    let dns = match tokio::net::UdpSocket::bind((gateway, 53)).await {
+        Ok(sock) => {
+            let upstreams = internal::upstreams(&cfg.network.dns);
+            cfg.network.dns = vec![gateway];
+            Some((sock, upstreams))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, %gateway, "cannot answer DNS on the gateway: <service>.internal names will not resolve");
+            None
+        }
+    };
     let engine = Arc::new(crate::cli::open_engine_at(data_dir, cfg)?);
     let db = db::open(data_dir).await?;
     let unfinished = db::fail_unfinished_deploys(&db).await?;
@@ -175,6 +202,12 @@ async fn serve(data_dir: &Path, cfg: berth_agent::Config, settings: Settings) ->
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
+    if let Some((sock, upstreams)) = dns {
+        tokio::spawn(internal::serve_dns(sock, platform.clone(), gateway, upstreams));
+    }
+    if let Some(l) = internal_http {
+        tokio::spawn(proxy.clone().serve(l, stopped(stop_rx.clone())));
+    }
     let proxy_task = tokio::spawn(proxy.serve(http_listener, stopped(stop_rx.clone())));
     let api_task =
         tokio::spawn(async move { axum::serve(api_listener, app).with_graceful_shutdown(stopped(stop_rx)).await });

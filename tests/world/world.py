@@ -53,7 +53,7 @@ import uuid
 RECIPES = {
     "busybox": "1",
     "busybox-zstd": "1",
-    "python": "3",
+    "python": "4",
     "nginx": "2",
 }
 IMAGE_NAMES = list(RECIPES)
@@ -495,6 +495,17 @@ class H(BaseHTTPRequestHandler):
                     return self._send(200, f.read())
             except OSError as e:
                 return self._send(404, str(e))
+        if p.startswith("/fetch/"):
+            # /fetch/HOST/PATH: GET http://HOST/PATH from inside the container.
+            import urllib.error
+            import urllib.request
+            try:
+                with urllib.request.urlopen("http://" + p[len("/fetch/"):], timeout=30) as r:
+                    return self._send(200, r.read())
+            except urllib.error.HTTPError as e:
+                return self._send(502, "upstream answered %d: %s" % (e.code, e.read().decode(errors="replace")))
+            except OSError as e:
+                return self._send(502, "fetch failed: %s" % e)
         if p.startswith("/exit/"):
             self._send(200, "exiting")
             self.wfile.flush()

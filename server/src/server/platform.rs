@@ -1099,9 +1099,16 @@ impl Platform {
         self.services.iter().map(|e| e.value().clone()).collect()
     }
 
-    /// Routes a Host header value: case-insensitive, port and trailing dot ignored.
-    pub fn route(&self, host: &str) -> Route {
+    /// Routes a Host header value: case-insensitive, port and trailing dot ignored;
+    /// `<service>.internal` only for requests from containers.
+    pub fn route(&self, host: &str, from_container: bool) -> Route {
         let host = normalize_host(host);
+        if let Some(name) = host.strip_suffix(super::internal::SUFFIX) {
+            return match self.get(name).filter(|_| from_container) {
+                Some(svc) => Route::Service(svc, None),
+                None => Route::Unknown(host),
+            };
+        }
         if host == self.control_host {
             return Route::Control;
         }
@@ -1171,13 +1178,17 @@ mod tests {
         let (svc, _rx) = service(Scaling::default());
         p.insert(svc);
         for h in ["s.example.test", "S.Example.TEST", "s.example.test.", "s.example.test:8080", "s.example.test.:80"] {
-            assert!(matches!(p.route(h), Route::Service(_, None)), "{h}");
+            assert!(matches!(p.route(h, false), Route::Service(_, None)), "{h}");
         }
-        assert!(matches!(p.route("BERTH.example.test:7070"), Route::Control));
+        assert!(matches!(p.route("BERTH.example.test:7070", false), Route::Control));
         for h in ["x.example.test", "a.s.example.test", "example.test", "s.example.test.evil", ""] {
-            assert!(matches!(p.route(h), Route::Unknown(_)), "{h}");
+            assert!(matches!(p.route(h, false), Route::Unknown(_)), "{h}");
         }
         assert_eq!(normalize_host("[::1]:80"), "::1");
+        assert!(matches!(p.route("s.internal", true), Route::Service(_, None)));
+        assert!(matches!(p.route("S.Internal.", true), Route::Service(_, None)));
+        assert!(matches!(p.route("s.internal", false), Route::Unknown(_)), "only containers reach .internal");
+        assert!(matches!(p.route("x.internal", true), Route::Unknown(_)));
     }
 
     #[test]

@@ -210,16 +210,16 @@ impl Proxy {
         let Some(host) = host else {
             return error(StatusCode::BAD_REQUEST, "bad-request", "the request has no Host header".into());
         };
-        match self.platform.route(&host) {
+        let from_container =
+            matches!(peer.ip().to_canonical(), std::net::IpAddr::V4(ip) if self.containers.contains(ip));
+        match self.platform.route(&host, from_container) {
             Route::Control => {
-                if let std::net::IpAddr::V4(ip) = peer.ip().to_canonical() {
-                    if self.containers.contains(ip) {
-                        return error(
-                            StatusCode::FORBIDDEN,
-                            "forbidden",
-                            "containers may not reach the control host".into(),
-                        );
-                    }
+                if from_container {
+                    return error(
+                        StatusCode::FORBIDDEN,
+                        "forbidden",
+                        "containers may not reach the control host".into(),
+                    );
                 }
                 let resp = self.control.clone().oneshot(req.map(axum::body::Body::new)).await;
                 let resp = match resp {
