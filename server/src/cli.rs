@@ -9,6 +9,7 @@ mod client;
 mod container;
 mod image;
 mod run;
+mod term;
 
 use crate::config::EXIT_USAGE;
 
@@ -32,7 +33,7 @@ pub enum Command {
     Image(image::Command),
     /// Run a container from an image (pulled if missing).
     Run(Box<run::Args>),
-    /// Manage containers: ls, inspect, logs, stop, rm.
+    /// Manage containers: ls, inspect, logs, exec, stop, rm.
     #[command(subcommand)]
     Container(container::Command),
     /// Run the control plane, the API and the proxy.
@@ -88,6 +89,9 @@ pub enum Command {
         /// Release what a container whose shim died still holds, then exit.
         #[arg(long)]
         cleanup: bool,
+        /// Run the command the engine sends on fd 3 inside the running container, then exit.
+        #[arg(long, conflicts_with = "cleanup")]
+        exec: bool,
         id: String,
     },
 }
@@ -115,7 +119,12 @@ pub fn main() -> i32 {
         eprintln!("berth: --data-dir {}: not a directory", cli.data_dir.display());
         return EXIT_USAGE;
     }
-    if let Command::Shim { cleanup, id } = &cli.command {
+    if let Command::Shim { exec: true, id, .. } = &cli.command {
+        // No logging at all: this helper's stdio is the exec'd command's, and its failures go
+        // back to the engine on its socket.
+        return berth_agent::shim::exec::main(&cli.data_dir, id);
+    }
+    if let Command::Shim { cleanup, id, .. } = &cli.command {
         // The shim must stay single-threaded: no tokio, no logging threads. Its stderr is
         // shim.log; the container's init inherits the subscriber until it execs, when its
         // stderr is already the container's, so libcontainer's warnings about syscalls this
