@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod client;
 mod container;
+mod exec;
 mod image;
 mod run;
 mod term;
@@ -74,6 +75,13 @@ pub enum Command {
     Rollback {
         #[command(flatten)]
         args: client::RollbackArgs,
+        #[command(flatten)]
+        conn: client::Conn,
+    },
+    /// Run a command in one of a service's instances; exits with the command's exit code.
+    Exec {
+        #[command(flatten)]
+        args: exec::Args,
         #[command(flatten)]
         conn: client::Conn,
     },
@@ -165,6 +173,7 @@ pub fn main() -> i32 {
         Command::Rm { name, conn } => Some(client::rm(conn, &cli.data_dir, name)),
         Command::Revisions { name, conn } => Some(client::revisions(conn, &cli.data_dir, name)),
         Command::Rollback { args, conn } => Some(client::rollback(conn, &cli.data_dir, args)),
+        Command::Exec { args, conn } => Some(exec::exec(conn, &cli.data_dir, args)),
         _ => None,
     };
     if let Some(r) = client_result {
@@ -204,7 +213,8 @@ pub fn main() -> i32 {
         | Command::Scale { .. }
         | Command::Rm { .. }
         | Command::Revisions { .. }
-        | Command::Rollback { .. } => unreachable!("handled above"),
+        | Command::Rollback { .. }
+        | Command::Exec { .. } => unreachable!("handled above"),
     };
     match result {
         Ok(code) => code,

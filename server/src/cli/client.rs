@@ -87,10 +87,10 @@ pub struct ScaleArgs {
     pub queue: Option<u32>,
 }
 
-struct Client {
+pub(super) struct Client {
     http: reqwest::Client,
-    base: String,
-    token: String,
+    pub(super) base: String,
+    pub(super) token: String,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -102,13 +102,13 @@ struct ClientFile {
 
 /// A service name as the CLI takes it: checked here, so a typo like `a/b` is not sent as a
 /// path.
-fn service_name(name: &str) -> Result<&str> {
+pub(super) fn service_name(name: &str) -> Result<&str> {
     crate::server::api::check_name(name).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(name)
 }
 
 impl Client {
-    fn new(conn: &Conn, data_dir: &Path) -> Result<Client> {
+    pub(super) fn new(conn: &Conn, data_dir: &Path) -> Result<Client> {
         let file = client_file()?;
         // The running server on this data directory writes its API URL there.
         let local =

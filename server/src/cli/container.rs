@@ -288,9 +288,22 @@ impl super::term::Remote for LocalPty<'_> {
         use std::os::fd::AsFd;
         self.master().as_fd()
     }
-    fn read_output(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+    fn pump_output(&mut self) -> std::io::Result<bool> {
         use std::io::Read;
-        self.master().read(buf)
+        let mut buf = [0u8; 16 * 1024];
+        match self.master().read(&mut buf) {
+            Ok(0) => Ok(false),
+            Ok(n) => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(&buf[..n])?;
+                out.flush()?;
+                Ok(true)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Ok(true),
+            // A pty's master reads EIO once the last process holding the terminal is gone.
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
     fn write_input(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         self.master().write_all(bytes)

@@ -1,7 +1,7 @@
 //! The client's side of a terminal in a container (`berth container exec -t`, `berth exec -t`):
 //! raw mode for the local terminal, its size, and the copy loop between it and the container's.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::fd::{AsFd, BorrowedFd};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -45,8 +45,9 @@ pub fn size() -> Option<(u16, u16)> {
 pub trait Remote {
     /// The descriptor to poll for output.
     fn fd(&self) -> BorrowedFd<'_>;
-    /// Reads output; Ok(0) when the terminal is gone.
-    fn read_output(&mut self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Reads what output is there (once: the descriptor was readable) and writes it to stdout
+    /// or stderr; false once there is no more.
+    fn pump_output(&mut self) -> io::Result<bool>;
     fn write_input(&mut self, bytes: &[u8]) -> io::Result<()>;
     /// Our stdin reached its end.
     fn close_input(&mut self) -> io::Result<()>;
@@ -61,7 +62,6 @@ pub fn pump(remote: &mut dyn Remote, interactive: bool) -> io::Result<()> {
     berth_agent::engine::watch_window_changes();
     berth_agent::engine::forward_signals();
     let stdin = io::stdin();
-    let mut stdout = io::stdout();
     let mut stdin_open = interactive;
     let mut buf = vec![0u8; 32 * 1024];
     loop {
@@ -86,18 +86,8 @@ pub fn pump(remote: &mut dyn Remote, interactive: bool) -> io::Result<()> {
             let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
             (ready(&fds[0]), fds.get(1).is_some_and(ready))
         };
-        if out_ready {
-            match remote.read_output(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    stdout.write_all(&buf[..n])?;
-                    stdout.flush()?;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted || e.kind() == io::ErrorKind::WouldBlock => {}
-                // A pty's master reads EIO once the last process holding the terminal is gone.
-                Err(e) if e.raw_os_error() == Some(libc::EIO) => break,
-                Err(e) => return Err(e),
-            }
+        if out_ready && !remote.pump_output()? {
+            break;
         }
         if in_ready {
             match stdin.lock().read(&mut buf) {

@@ -9,6 +9,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use sqlx::SqlitePool;
 
+pub mod exec;
 mod services;
 
 pub use services::check_name;
@@ -83,6 +84,7 @@ impl IntoResponse for Error {
 /// The whole API.
 pub fn router(state: AppState) -> Router {
     let authed = services::router()
+        .merge(exec::router())
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .with_state(state.clone());
     let v1 = Router::new().route("/health", get(health)).merge(authed);
