@@ -817,6 +817,12 @@ fn fast_exiting_foreground_runs_never_hang() {
     }
 }
 
+fn exec_out(b: &Berth, args: &[&str]) -> (i32, String, String) {
+    let mut full = vec!["container", "exec"];
+    full.extend_from_slice(args);
+    run_out(b, &full)
+}
+
 #[test]
 fn bind_mounts_share_a_host_directory_and_read_only_refuses_writes() {
     let w = world();
@@ -851,6 +857,9 @@ fn bind_mounts_share_a_host_directory_and_read_only_refuses_writes() {
             {"source": canonical, "destination": "/data", "read_only": false},
         ])
     );
+    let (code, out, err) = exec_out(&b, &[&id, "--", "sh", "-c", "cat /data/note; echo two > /data/two"]);
+    assert_eq!((code, out.as_str()), (0, "from-one\n"), "{err}");
+    assert_eq!(std::fs::read_to_string(host.path().join("two")).unwrap(), "two\n");
     b.ok(&["container", "rm", "--force", &id]);
     assert!(host_leftovers(&b, &[id]).is_empty());
 }
@@ -934,4 +943,281 @@ fn mount_points_never_follow_links_out_of_the_root() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(out, format!("mounted\n{inside}\n"));
     assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0, "nothing made in the host directory");
+}
+
+#[test]
+fn exec_runs_inside_the_container() {
+    let w = world();
+    let b = Berth::new();
+    let image = w.image("anon", "busybox");
+    let id = b
+        .ok(&[
+            "run",
+            "-d",
+            "-q",
+            "--hostname",
+            "execbox",
+            "--user",
+            "app",
+            "--workdir",
+            "/tmp",
+            "--env",
+            "EXTRA=1",
+            &image,
+            "--",
+            "sh",
+            "-c",
+            "echo marker > /tmp/made-by-init; exec sleep 300",
+        ])
+        .trim()
+        .to_string();
+    let c = b.inspect(&id);
+    let ip = c["state"]["network"]["ip"].as_str().unwrap().to_string();
+    assert!(Berth::wait_until(Duration::from_secs(10), || exec_out(
+        &b,
+        &[&id, "--", "test", "-f", "/tmp/made-by-init"]
+    )
+    .0 == 0));
+    // Its filesystem, host name, network, cgroups; the container's user, directory and env.
+    let (code, out, err) = exec_out(
+        &b,
+        &[
+            &id,
+            "--",
+            "sh",
+            "-c",
+            "cat /tmp/made-by-init /etc/hostname; id -u; pwd; echo $HOME $EXTRA $GREETING; \
+             ip -4 addr show eth0 | grep -o 'inet [0-9.]*'; grep -c /berth/ /proc/self/cgroup",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[..6], ["marker", "execbox", "1000", "/tmp", "/home/app 1 hello", &format!("inet {ip}")], "{out}");
+    assert!(lines[6].parse::<u32>().unwrap() >= 4, "in the container's cgroups: {out}");
+    // Its pid namespace: pid 1 is the container's sleep, and only its processes are visible.
+    let (code, out, err) =
+        exec_out(&b, &[&id, "--", "sh", "-c", "tr '\\0' ' ' < /proc/1/cmdline; echo; echo $$; ls /proc"]);
+    assert_eq!(code, 0, "{err}");
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("sleep 300 "));
+    let me: u32 = lines.next().unwrap().parse().unwrap();
+    let pids: Vec<u32> = lines.flat_map(|l| l.split_whitespace()).filter_map(|w| w.parse().ok()).collect();
+    assert!(me > 1 && me < 100, "a pid of the container's namespace: {me}");
+    assert!(pids.contains(&1) && pids.iter().all(|p| *p < 100), "only the container's processes: {pids:?}");
+    // The same confinement as the container's own process.
+    let status = "grep -E '^(CapEff|Seccomp|NoNewPrivs):' /proc/self/status | tr -s '\\t ' ' '";
+    let (_, own, _) = exec_out(&b, &["--user", "root", &id, "--", "sh", "-c", status]);
+    assert_eq!(own, "CapEff: 00000000a80425fb\nNoNewPrivs: 0\nSeccomp: 2\n");
+    // Overrides: user, directory, env.
+    let (code, out, err) = exec_out(
+        &b,
+        &[
+            "-u",
+            "root",
+            "-w",
+            "/www",
+            "-e",
+            "EXTRA=2",
+            "-e",
+            "BERTH_TEST_PASS",
+            &id,
+            "--",
+            "sh",
+            "-c",
+            "id -u; pwd; echo $HOME $EXTRA $BERTH_TEST_PASS",
+        ],
+    );
+    assert_eq!((code, out.as_str()), (0, "0\n/www\n/root 2 passed\n"), "{err}");
+    // Exit codes, as a shell's.
+    assert_eq!(exec_out(&b, &[&id, "--", "sh", "-c", "exit 42"]).0, 42);
+    assert_eq!(exec_out(&b, &[&id, "--", "sh", "-c", "kill -9 $$"]).0, 137);
+    let (code, _, err) = exec_out(&b, &[&id, "--", "no-such-command"]);
+    assert_eq!(code, 127, "{err}");
+    assert!(err.contains("\"no-such-command\" not found"), "{err}");
+    let (code, _, err) = exec_out(&b, &[&id, "--", "/etc/passwd"]);
+    assert_eq!(code, 126, "{err}");
+    let (code, _, err) = exec_out(&b, &["-w", "/nowhere", &id, "--", "pwd"]);
+    assert_eq!(code, 125);
+    assert!(err.contains("/nowhere does not exist"), "{err}");
+    // stdin: passed with -i, empty without.
+    for (flag, want) in [(Some("-i"), "got:typed here\n"), (None, "got:\n")] {
+        let mut args = vec!["container", "exec"];
+        args.extend(flag);
+        args.extend([id.as_str(), "--", "sh", "-c", "read x; echo got:$x"]);
+        let mut child = b.cmd().args(&args).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(b"typed here\n").unwrap();
+        let o = child.wait_with_output().unwrap();
+        assert_eq!((o.status.code(), stdout(&o).as_str()), (Some(0), want), "{flag:?}");
+    }
+    // A command still running when the container stops goes with it.
+    let mut long =
+        b.cmd().args(["container", "exec", &id, "--", "sleep", "300"]).stdout(Stdio::null()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    b.ok(&["container", "stop", "--time", "0", &id]);
+    let end = Instant::now() + Duration::from_secs(10);
+    let st = loop {
+        if let Some(st) = long.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > end {
+            let _ = long.kill();
+            panic!("the exec outlived its container");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(st.code(), Some(137));
+    b.ok(&["container", "rm", &id]);
+    assert!(host_leftovers(&b, &[id]).is_empty());
+}
+
+#[test]
+fn exec_is_refused_unless_the_container_runs() {
+    let w = world();
+    let b = Berth::new();
+    let image = w.image("anon", "busybox");
+    let id = b.ok(&["run", "-d", "-q", &image, "--", "sleep", "300"]).trim().to_string();
+    // Frozen (as the server freezes idle instances): refused, saying why.
+    let freezer = format!("/sys/fs/cgroup/freezer/berth/{id}/freezer.state");
+    std::fs::write(&freezer, "FROZEN").unwrap();
+    let (code, _, err) = exec_out(&b, &[&id, "--", "true"]);
+    std::fs::write(&freezer, "THAWED").unwrap();
+    assert_eq!(code, 125);
+    assert!(err.contains("is frozen"), "{err}");
+    assert_eq!(exec_out(&b, &[&id, "--", "true"]).0, 0, "thawed, it works");
+    b.ok(&["container", "stop", "--time", "0", &id]);
+    let (code, _, err) = exec_out(&b, &[&id, "--", "true"]);
+    assert_eq!(code, 125);
+    assert!(err.contains("is not running"), "{err}");
+    let (code, _, err) = exec_out(&b, &["nosuch", "--", "true"]);
+    assert_eq!(code, 125);
+    assert!(err.contains("no such container: nosuch"), "{err}");
+}
+
+#[test]
+fn exec_with_a_terminal() {
+    use std::io::{Read, Write};
+    let w = world();
+    let b = Berth::new();
+    let image = w.image("anon", "busybox");
+    let id = b.ok(&["run", "-d", "-q", &image, "--", "sleep", "300"]).trim().to_string();
+    // The client runs on a terminal of our own, 33 rows by 111 columns.
+    let ws = nix::pty::Winsize { ws_row: 33, ws_col: 111, ws_xpixel: 0, ws_ypixel: 0 };
+    let pty = nix::pty::openpty(Some(&ws), None).unwrap();
+    let slave = std::fs::File::from(pty.slave);
+    let mut child = b
+        .cmd()
+        .args([
+            "container",
+            "exec",
+            "-it",
+            &id,
+            "--",
+            "sh",
+            "-c",
+            "[ -t 0 ] && [ -t 1 ] && echo is-a-tty; stty size; tty; read x; echo got:$x; exit 3",
+        ])
+        .stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(slave)
+        .spawn()
+        .unwrap();
+    let mut master = std::fs::File::from(pty.master);
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let mut reader = master.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = String::new();
+    let wait_for = |want: &str, seen: &mut String| {
+        let end = Instant::now() + Duration::from_secs(20);
+        while !seen.contains(want) {
+            let left = end.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(b) => seen.push_str(&String::from_utf8_lossy(&b)),
+                Err(_) => panic!("no {want:?} from the terminal; saw {seen:?}"),
+            }
+        }
+    };
+    wait_for("/dev/pts/", &mut seen);
+    // Typed keys reach the command through the container's terminal (which echoes them).
+    master.write_all(b"keys\r").unwrap();
+    wait_for("got:keys", &mut seen);
+    let st = child.wait().unwrap();
+    assert_eq!(st.code(), Some(3), "{seen:?}");
+    let lines: Vec<&str> = seen.split("\r\n").collect();
+    assert_eq!(
+        lines[..3],
+        ["is-a-tty", "33 111", "/dev/pts/0"],
+        "a terminal of the container's own, of our size: {seen:?}"
+    );
+    b.ok(&["container", "rm", "--force", &id]);
+}
+
+/// The engine as a library, on a harness data directory.
+fn engine(b: &Berth) -> berth_agent::Engine {
+    let cfg = berth_agent::Config {
+        network: berth_agent::config::NetworkConfig { bridge: b.bridge.clone(), subnet: b.subnet.clone(), dns: vec![] },
+        ..Default::default()
+    };
+    let shim = berth_agent::ShimCommand {
+        program: berth_tests::berth_bin(),
+        args: vec!["--data-dir".into(), b.data_dir().as_os_str().to_owned(), "shim".into()],
+    };
+    berth_agent::Engine::open(b.data_dir(), cfg, shim).unwrap()
+}
+
+#[test]
+fn engine_api_prepared_containers_keep_mounts_and_exec_pipes_stdio() {
+    use std::io::{Read, Write};
+    let w = world();
+    let b = Berth::new();
+    let image = w.image("anon", "busybox");
+    b.ok(&["image", "pull", "-q", &image]);
+    let e = engine(&b);
+    let img = e.images().get(&image).unwrap();
+    let host = tempfile::tempdir().unwrap();
+    std::fs::write(host.path().join("f"), "in the volume\n").unwrap();
+    let opts = berth_agent::RunOptions {
+        cmd: Some(vec!["sleep".into(), "300".into()]),
+        mounts: vec![berth_agent::Mount { source: host.path().into(), destination: "/vol".into(), read_only: false }],
+        ..Default::default()
+    };
+    let prepared = e.prepare(&img, &image, opts).unwrap();
+    assert_eq!(e.get(&prepared.id).unwrap().spec.mounts[0].destination, "/vol");
+    let c = e.start_prepared(prepared).unwrap();
+    let mut x = e
+        .exec(
+            &c.id,
+            berth_agent::ExecOptions {
+                args: vec!["sh".into(), "-c".into(), "cat /vol/f; cat > /vol/g; echo oops >&2; exit 5".into()],
+                stdin: Stdio::piped(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    x.child.stdin.take().unwrap().write_all(b"from stdin\n").unwrap();
+    let mut out = String::new();
+    x.child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    let mut err = String::new();
+    x.child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert_eq!(x.wait().unwrap(), 5);
+    assert_eq!((out.as_str(), err.as_str()), ("in the volume\n", "oops\n"));
+    assert_eq!(std::fs::read_to_string(host.path().join("g")).unwrap(), "from stdin\n");
+    // Dropping a running exec ends its command.
+    let x = e
+        .exec(&c.id, berth_agent::ExecOptions { args: vec!["sleep".into(), "301".into()], ..Default::default() })
+        .unwrap();
+    let pid = x.pid;
+    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+    drop(x);
+    assert!(Berth::wait_until(Duration::from_secs(5), || {
+        std::fs::read_to_string(format!("/proc/{pid}/cmdline")).map(|c| !c.starts_with("sleep\u{0}301")).unwrap_or(true)
+    }));
+    e.remove(&c.id, true).unwrap();
 }

@@ -649,3 +649,245 @@ fn a_crash_loop_is_restarted_with_backoff_and_shows_on_the_service() {
     s.wait_service("crashy", Duration::from_secs(20), "a restarted instance", |v| states(v) == ["ready"]);
     assert_eq!(s.get("crashy", "/").status, 200);
 }
+
+fn out(o: &std::process::Output) -> (Option<i32>, String, String) {
+    (o.status.code(), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+#[test]
+fn berth_exec_runs_commands_in_a_service_instance() {
+    let b = Berth::new();
+    let s = Server::start(&b, &[]);
+    deploy(&s, &b, "shell", &busybox(), &[]);
+    let id = s.service("shell")["instances"][0]["id"].as_str().unwrap().to_string();
+    // In the instance's container (its pid 1 is the image's httpd), both output streams, the
+    // exit code.
+    let script = "cat /etc/hostname; tr '\\0' ' ' < /proc/1/cmdline; echo; echo oops >&2; exit 7";
+    let (code, stdout, stderr) = out(&s.cli(&b, &["exec", "shell", "--", "sh", "-c", script]));
+    assert_eq!(code, Some(7), "{stderr}");
+    assert_eq!(stdout, "shell\nhttpd -f -v -p 8080 -h /www \n");
+    assert_eq!(stderr, "oops\n");
+    // A given instance, with env, user and working directory; the instance's own env is there.
+    let o = s.cli(
+        &b,
+        &[
+            "exec",
+            "--instance",
+            &id[..12],
+            "-e",
+            "A=1",
+            "-u",
+            "app",
+            "-w",
+            "/www",
+            "shell",
+            "--",
+            "sh",
+            "-c",
+            "echo $A $(id -u) $(pwd) $PORT",
+        ],
+    );
+    assert_eq!(out(&o), (Some(0), "1 1000 /www 8080\n".into(), String::new()));
+    // stdin with -i.
+    let mut child = b
+        .cmd()
+        .env("BERTH_API", format!("http://127.0.0.1:{}", s.api))
+        .env("BERTH_TOKEN", s.token())
+        .args(["exec", "-i", "shell", "--", "sh", "-c", "read x; echo got:$x; cat | wc -c"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"hello\n").unwrap();
+    stdin.write_all(&[b'x'; 100_000]).unwrap();
+    drop(stdin);
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(
+        (o.status.code(), String::from_utf8_lossy(&o.stdout).split_whitespace().collect::<Vec<_>>()),
+        (Some(0), vec!["got:hello", "100000"])
+    );
+    // What cannot run says why, with the exit codes of `berth container exec`.
+    for (args, want_code, want) in [
+        (vec!["exec", "shell", "--", "no-such-cmd"], 127, "\"no-such-cmd\" not found"),
+        (vec!["exec", "nosuch", "--", "true"], 125, "no service named \"nosuch\""),
+        (vec!["exec", "--instance", "abcdef", "shell", "--", "true"], 125, "has no instance \"abcdef\""),
+        (vec!["exec", "-w", "/nowhere", "shell", "--", "true"], 125, "/nowhere does not exist"),
+    ] {
+        let (code, _, err) = out(&s.cli(&b, &args));
+        assert_eq!(code, Some(want_code), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    // A terminal: the client runs on one of ours, 33 rows by 111 columns.
+    let ws = nix::pty::Winsize { ws_row: 33, ws_col: 111, ws_xpixel: 0, ws_ypixel: 0 };
+    let pty = nix::pty::openpty(Some(&ws), None).unwrap();
+    let slave = std::fs::File::from(pty.slave);
+    let mut child = b
+        .cmd()
+        .env("BERTH_API", format!("http://127.0.0.1:{}", s.api))
+        .env("BERTH_TOKEN", s.token())
+        .args([
+            "exec",
+            "-it",
+            "shell",
+            "--",
+            "sh",
+            "-c",
+            "[ -t 0 ] && echo is-a-tty; stty size; read x; echo got:$x; exit 4",
+        ])
+        .stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(slave)
+        .spawn()
+        .unwrap();
+    let mut master = std::fs::File::from(pty.master);
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let mut reader = master.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = String::new();
+    let wait_for = |want: &str, seen: &mut String| {
+        let end = Instant::now() + Duration::from_secs(20);
+        while !seen.contains(want) {
+            match rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
+                Ok(b) => seen.push_str(&String::from_utf8_lossy(&b)),
+                Err(_) => panic!("no {want:?} from the terminal; saw {seen:?}"),
+            }
+        }
+    };
+    wait_for("33 111\r\n", &mut seen);
+    master.write_all(b"typed\r").unwrap();
+    wait_for("got:typed", &mut seen);
+    assert_eq!(child.wait().unwrap().code(), Some(4), "{seen:?}");
+    assert!(seen.starts_with("is-a-tty\r\n33 111\r\n"), "{seen:?}");
+}
+
+#[test]
+fn an_exec_keeps_its_instance_awake_and_wakes_a_frozen_one() {
+    let b = Berth::new();
+    let s = Server::start(&b, &[]);
+    deploy(&s, &b, "awake", &busybox(), &[]);
+    scale(&s, &b, "awake", &["--min", "1", "--freeze-after", "200ms", "--stop-after", "1h"]);
+    // Under a command that outlives freeze_after several times, the instance stays ready (a
+    // frozen one would stop the command: it would never print).
+    let child = b
+        .cmd()
+        .env("BERTH_API", format!("http://127.0.0.1:{}", s.api))
+        .env("BERTH_TOKEN", s.token())
+        .args(["exec", "awake", "--", "sh", "-c", "sleep 1.5; echo done"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = child;
+    let end = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > end {
+            let _ = child.kill();
+            panic!("the exec did not finish within 10 s: frozen under it?");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let o = child.wait_with_output().unwrap();
+    assert_eq!((o.status.code(), String::from_utf8_lossy(&o.stdout).as_ref()), (Some(0), "done\n"));
+    // Idle, it freezes; an exec thaws it, as a request would.
+    s.wait_service("awake", Duration::from_secs(10), "a frozen instance", |v| states(v) == ["frozen"]);
+    let (code, stdout, stderr) = out(&s.cli(&b, &["exec", "awake", "--", "echo", "woke"]));
+    assert_eq!((code, stdout.as_str()), (Some(0), "woke\n"), "{stderr}");
+    // Naming a frozen instance is refused, saying how to wake it.
+    let v = s.wait_service("awake", Duration::from_secs(10), "frozen again", |v| states(v) == ["frozen"]);
+    let id = v["instances"][0]["id"].as_str().unwrap().to_string();
+    let (code, _, err) = out(&s.cli(&b, &["exec", "--instance", &id, "awake", "--", "true"]));
+    assert_eq!(code, Some(125));
+    assert!(err.contains("is frozen, not ready") && err.contains("(HTTP 409)"), "{err}");
+}
+
+/// The exec protocol on the wire: the upgrade, frames both ways, a resize and a signal.
+#[test]
+fn the_exec_api_speaks_framed_bytes_over_an_upgrade() {
+    let b = Berth::new();
+    let s = Server::start(&b, &[]);
+    deploy(&s, &b, "wire", &busybox(), &[]);
+    let t = s.token();
+    // Without the upgrade headers: refused, saying what to send.
+    let r = s.call("POST", "/api/v1/services/wire/exec", Some(json!({"command": ["true"]})));
+    assert_eq!(r.status, 400);
+    assert!(r.json()["error"].as_str().unwrap().contains("Upgrade: berth-exec"), "{}", r.text());
+    let body = json!({
+        "command": ["sh", "-c", "stty size; read x; echo got:$x; stty size; exec sleep 30"],
+        "tty": true, "interactive": true, "rows": 10, "cols": 20,
+    })
+    .to_string();
+    let mut conn = TcpStream::connect(("127.0.0.1", s.api)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        conn,
+        "POST /api/v1/services/wire/exec HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\nConnection: Upgrade\r\n\
+         Upgrade: berth-exec\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut rd = BufReader::new(conn.try_clone().unwrap());
+    let up = read_reply(&mut rd, true).unwrap();
+    assert_eq!(up.status, 101, "{:?}", up.headers);
+    assert_eq!(up.header("upgrade"), Some("berth-exec"));
+    let instance = s.service("wire")["instances"][0]["id"].as_str().unwrap().to_string();
+    assert_eq!(up.header("berth-instance"), Some(instance.as_str()));
+    let send = |conn: &mut TcpStream, kind: u8, payload: &[u8]| {
+        let mut f = vec![kind];
+        f.extend((payload.len() as u32).to_be_bytes());
+        f.extend_from_slice(payload);
+        conn.write_all(&f).unwrap();
+    };
+    // Reads frames until the output holds `want`; returns the exit code if one came.
+    let mut output = String::new();
+    let read_until = |rd: &mut BufReader<TcpStream>, want: &str, output: &mut String| -> Option<i32> {
+        while !output.contains(want) {
+            let mut h = [0u8; 5];
+            rd.read_exact(&mut h).unwrap_or_else(|e| panic!("waiting for {want:?}, got {output:?}: {e}"));
+            let mut p = vec![0u8; u32::from_be_bytes([h[1], h[2], h[3], h[4]]) as usize];
+            rd.read_exact(&mut p).unwrap();
+            match h[0] {
+                0x10 => output.push_str(&String::from_utf8_lossy(&p)),
+                0x12 => return Some(i32::from_be_bytes([p[0], p[1], p[2], p[3]])),
+                k => panic!("unexpected frame kind {k:#x}"),
+            }
+        }
+        None
+    };
+    assert_eq!(read_until(&mut rd, "10 20\r\n", &mut output), None);
+    send(&mut conn, 0x02, &[0, 30, 0, 40]);
+    send(&mut conn, 0x00, b"over the wire\r");
+    assert_eq!(read_until(&mut rd, "30 40\r\n", &mut output), None);
+    assert!(output.contains("got:over the wire"), "{output:?}");
+    // SIGTERM (15) for the command: it ends with 128 + 15.
+    send(&mut conn, 0x03, &15i32.to_be_bytes());
+    assert_eq!(read_until(&mut rd, "never printed", &mut output), Some(143), "{output:?}");
+
+    // A client that goes away takes its command with it.
+    let body = json!({"command": ["sleep", "301"]}).to_string();
+    let mut conn = TcpStream::connect(("127.0.0.1", s.api)).unwrap();
+    write!(
+        conn,
+        "POST /api/v1/services/wire/exec HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {t}\r\nConnection: Upgrade\r\n\
+         Upgrade: berth-exec\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let up = read_reply(&mut BufReader::new(conn.try_clone().unwrap()), true).unwrap();
+    assert_eq!(up.status, 101);
+    let sleeping = || {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .any(|p| std::fs::read(p.path().join("cmdline")).is_ok_and(|c| c == b"sleep\x00301\x00"))
+    };
+    assert!(sleeping(), "the command runs");
+    drop(conn);
+    assert!(Berth::wait_until(Duration::from_secs(10), || !sleeping()), "the command outlived its client");
+}

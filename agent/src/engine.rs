@@ -19,10 +19,13 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+mod exec;
+
 pub use crate::container::Mount;
 use crate::container::{self, Container, Paths, State, Status};
 use crate::image::{self, Image};
 use crate::Config;
+pub use exec::{Exec, ExecOptions};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -40,6 +43,10 @@ pub enum Error {
     Start(String, String),
     #[error("container {0} is running: stop it first, or remove it with --force")]
     Running(String),
+    /// A command could not be started in a container; `code` is what a shell would exit with:
+    /// 127 not found, 126 not executable, 125 anything else.
+    #[error("{reason}")]
+    Exec { code: i32, reason: String },
     #[error("{what}: {source}")]
     Io { what: String, source: io::Error },
 }
@@ -103,6 +110,26 @@ pub fn forward_signals() {
             libc::signal(sig, remember_signal as *const () as libc::sighandler_t);
         }
     }
+}
+
+static WINCH: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn remember_winch(_: libc::c_int) {
+    WINCH.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Makes SIGWINCH (the terminal was resized) be recorded, for a client that passes the size on
+/// to a container's terminal; see [`take_window_change`].
+pub fn watch_window_changes() {
+    // SAFETY: the handler only stores into an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGWINCH, remember_winch as *const () as libc::sighandler_t);
+    }
+}
+
+/// Whether SIGWINCH came since the last call.
+pub fn take_window_change() -> bool {
+    WINCH.swap(false, std::sync::atomic::Ordering::SeqCst)
 }
 
 /// The signal received since the last call, if any.
@@ -601,6 +628,16 @@ fn read_line(sock: &UnixStream) -> io::Result<String> {
         }
     }
     Ok(String::from_utf8_lossy(&raw).trim_end().to_string())
+}
+
+/// Whether the container's cgroup is frozen or freezing (the freezer is the truth, not
+/// `state.json`, which another process may be about to change).
+pub(crate) fn frozen(id: &str) -> bool {
+    let rel = crate::runtime::oci::cgroups_path(id);
+    if crate::shim::cgroup_v2() {
+        return fs::read_to_string(format!("/sys/fs/cgroup{rel}/cgroup.freeze")).is_ok_and(|s| s.trim() == "1");
+    }
+    fs::read_to_string(format!("/sys/fs/cgroup/freezer{rel}/freezer.state")).is_ok_and(|s| s.trim() != "THAWED")
 }
 
 fn freezer_set(id: &str, frozen: bool) -> io::Result<()> {

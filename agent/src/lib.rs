@@ -20,4 +20,4 @@ pub mod store;
 
 pub use config::Config;
 pub use digest::Digest;
-pub use engine::{Engine, Mount, RunOptions, ShimCommand};
+pub use engine::{Engine, Exec, ExecOptions, Mount, RunOptions, ShimCommand};

@@ -16,6 +16,8 @@
 //! waits for the line `start`, then starts the process and goes on as above with `started
 //! <pid>`. If the socket closes first, the container is torn down and marked failed.
 
+pub mod exec;
+
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};

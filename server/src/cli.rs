@@ -7,9 +7,11 @@ use clap::{Parser, Subcommand};
 
 mod client;
 mod container;
+mod exec;
 mod image;
 mod ops;
 mod run;
+mod term;
 
 use crate::config::EXIT_USAGE;
 
@@ -33,7 +35,7 @@ pub enum Command {
     Image(image::Command),
     /// Run a container from an image (pulled if missing).
     Run(Box<run::Args>),
-    /// Manage containers: ls, inspect, logs, stop, rm.
+    /// Manage containers: ls, inspect, logs, exec, stop, rm.
     #[command(subcommand)]
     Container(container::Command),
     /// Run the control plane, the API and the proxy.
@@ -121,6 +123,13 @@ pub enum Command {
         #[command(flatten)]
         conn: client::Conn,
     },
+    /// Run a command in one of a service's instances; exits with the command's exit code.
+    Exec {
+        #[command(flatten)]
+        args: exec::Args,
+        #[command(flatten)]
+        conn: client::Conn,
+    },
     /// Delete a service: its instances stop, its route goes.
     Rm {
         name: String,
@@ -133,6 +142,9 @@ pub enum Command {
         /// Release what a container whose shim died still holds, then exit.
         #[arg(long)]
         cleanup: bool,
+        /// Run the command the engine sends on fd 3 inside the running container, then exit.
+        #[arg(long, conflicts_with = "cleanup")]
+        exec: bool,
         id: String,
     },
 }
@@ -160,7 +172,12 @@ pub fn main() -> i32 {
         eprintln!("berth: --data-dir {}: not a directory", cli.data_dir.display());
         return EXIT_USAGE;
     }
-    if let Command::Shim { cleanup, id } = &cli.command {
+    if let Command::Shim { exec: true, id, .. } = &cli.command {
+        // No logging at all: this helper's stdio is the exec'd command's, and its failures go
+        // back to the engine on its socket.
+        return berth_agent::shim::exec::main(&cli.data_dir, id);
+    }
+    if let Command::Shim { cleanup, id, .. } = &cli.command {
         // The shim must stay single-threaded: no tokio, no logging threads. Its stderr is
         // shim.log; the container's init inherits the subscriber until it execs, when its
         // stderr is already the container's, so libcontainer's warnings about syscalls this
@@ -207,6 +224,7 @@ pub fn main() -> i32 {
         Command::Env { name, cmd, conn } => Some(ops::env(conn, &cli.data_dir, name, cmd)),
         Command::Tokens { cmd, conn } => Some(ops::tokens(conn, &cli.data_dir, cmd)),
         Command::Domains { name, cmd, conn } => Some(ops::domains(conn, &cli.data_dir, name, cmd)),
+        Command::Exec { args, conn } => Some(exec::exec(conn, &cli.data_dir, args)),
         _ => None,
     };
     if let Some(r) = client_result {
@@ -252,7 +270,8 @@ pub fn main() -> i32 {
         | Command::Untag { .. }
         | Command::Env { .. }
         | Command::Tokens { .. }
-        | Command::Domains { .. } => unreachable!("handled above"),
+        | Command::Domains { .. }
+        | Command::Exec { .. } => unreachable!("handled above"),
     };
     match result {
         Ok(code) => code,

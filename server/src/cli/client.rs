@@ -102,8 +102,8 @@ pub struct ScaleArgs {
 
 pub(super) struct Client {
     http: reqwest::Client,
-    base: String,
-    token: String,
+    pub(super) base: String,
+    pub(super) token: String,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]

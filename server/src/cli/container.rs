@@ -1,10 +1,12 @@
-//! `berth container ls|inspect|logs|stop|rm`.
+//! `berth container ls|inspect|logs|exec|stop|rm`.
 
 use std::io::Write;
+use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::Result;
 use berth_agent::container::Container;
+use berth_agent::engine::{Exec, ExecOptions};
 use berth_agent::logs::{self, Follower, Stream};
 use berth_agent::Engine;
 use clap::Subcommand;
@@ -35,6 +37,8 @@ pub enum Command {
         #[arg(short, long)]
         timestamps: bool,
     },
+    /// Run a command inside a running container; exits with the command's exit code.
+    Exec(ExecArgs),
     /// Stop containers: the stop signal, then SIGKILL after the grace period.
     Stop {
         #[arg(required = true)]
@@ -51,6 +55,30 @@ pub enum Command {
         #[arg(short, long)]
         force: bool,
     },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ExecArgs {
+    /// Pass stdin to the command (without it the command's stdin is empty).
+    #[arg(short, long)]
+    pub interactive: bool,
+    /// Give the command a terminal (the local one goes into raw mode, its size follows).
+    #[arg(short, long)]
+    pub tty: bool,
+    /// Set an environment variable (KEY=VALUE, or NAME to pass this one's), over the container's.
+    #[arg(short, long = "env", value_name = "K=V")]
+    pub env: Vec<String>,
+    /// Working directory (default: the container's).
+    #[arg(short, long)]
+    pub workdir: Option<String>,
+    /// User (name, uid, name:group or uid:gid; default: the container's).
+    #[arg(short, long)]
+    pub user: Option<String>,
+    /// The container: id, id prefix or name.
+    pub container: String,
+    /// The command and its arguments.
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    pub command: Vec<String>,
 }
 
 fn status_line(c: &Container) -> String {
@@ -144,6 +172,7 @@ pub fn run(engine: &Engine, cmd: Command) -> Result<i32> {
                 }
             }
         }
+        Command::Exec(a) => return Ok(exec(engine, a)),
         Command::Stop { containers, time } => {
             let mut code = 0;
             for key in containers {
@@ -172,4 +201,122 @@ pub fn run(engine: &Engine, cmd: Command) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// `berth container exec`: the command's exit code; 125 when it could not be run (no such
+/// container, not running, frozen, bad option), 126 not executable, 127 not found.
+fn exec(engine: &Engine, a: ExecArgs) -> i32 {
+    // As `berth run --env NAME`: a bare name passes this process's value.
+    let env = a
+        .env
+        .iter()
+        .filter_map(|kv| {
+            if kv.contains('=') {
+                Some(kv.clone())
+            } else {
+                std::env::var(kv).ok().map(|v| format!("{kv}={v}"))
+            }
+        })
+        .collect();
+    let opts = ExecOptions {
+        args: a.command,
+        env,
+        tty: a.tty,
+        tty_size: if a.tty { super::term::size() } else { None },
+        working_dir: a.workdir,
+        user: a.user,
+        stdin: if a.interactive { Stdio::inherit() } else { Stdio::null() },
+        stdout: Stdio::inherit(),
+        stderr: Stdio::inherit(),
+    };
+    let mut exec = match engine.exec(&a.container, opts) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("berth: {e}");
+            return match e {
+                berth_agent::engine::Error::Exec { code, .. } => code,
+                _ => 125,
+            };
+        }
+    };
+    let result = if a.tty {
+        let raw = if a.interactive { super::term::RawMode::enter() } else { Ok(None) };
+        match raw {
+            Ok(raw) => {
+                let r = super::term::pump(&mut LocalPty { exec: &mut exec }, a.interactive);
+                drop(raw);
+                r.and_then(|()| exec.wait())
+            }
+            Err(e) => Err(e),
+        }
+    } else {
+        berth_agent::engine::forward_signals();
+        loop {
+            match exec.try_wait() {
+                Ok(Some(code)) => break Ok(code),
+                Ok(None) => {}
+                Err(e) => break Err(e),
+            }
+            if let Some(sig) = berth_agent::engine::take_forwarded_signal() {
+                let _ = exec.signal(sig);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("berth: exec in container {}: {e}", a.container);
+            125
+        }
+    }
+}
+
+/// A container's terminal on this machine: the master end [`Engine::exec`] gave.
+struct LocalPty<'a> {
+    exec: &'a mut Exec,
+}
+
+impl LocalPty<'_> {
+    fn master(&self) -> &std::fs::File {
+        self.exec.pty.as_ref().expect("an exec with tty has a pty")
+    }
+}
+
+impl super::term::Remote for LocalPty<'_> {
+    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.master().as_fd()
+    }
+    fn pump_output(&mut self) -> std::io::Result<bool> {
+        use std::io::Read;
+        let mut buf = [0u8; 16 * 1024];
+        match self.master().read(&mut buf) {
+            Ok(0) => Ok(false),
+            Ok(n) => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(&buf[..n])?;
+                out.flush()?;
+                Ok(true)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Ok(true),
+            // A pty's master reads EIO once the last process holding the terminal is gone.
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+    fn write_input(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.master().write_all(bytes)
+    }
+    fn close_input(&mut self) -> std::io::Result<()> {
+        // A terminal has no end of input, only its EOF character (^D), which ends a read in
+        // canonical mode.
+        self.master().write_all(&[4])
+    }
+    fn resize(&mut self, rows: u16, cols: u16) -> std::io::Result<()> {
+        self.exec.resize(rows, cols)
+    }
+    fn signal(&mut self, sig: nix::sys::signal::Signal) -> std::io::Result<()> {
+        self.exec.signal(sig)
+    }
 }

@@ -11,6 +11,7 @@ use sqlx::SqlitePool;
 
 mod domains;
 mod env;
+pub mod exec;
 mod services;
 mod tokens;
 mod traffic;
@@ -92,6 +93,7 @@ impl IntoResponse for Error {
 pub fn router(state: AppState) -> Router {
     let authed = services::router()
         .merge(tokens::router())
+        .merge(exec::router())
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .with_state(state.clone());
     let v1 = Router::new().route("/health", get(health)).merge(authed);

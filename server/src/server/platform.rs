@@ -95,6 +95,14 @@ pub enum Refusal {
     Deleted,
 }
 
+/// Why [`Service::lease_instance`] found no instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoInstance {
+    Unknown,
+    Ambiguous,
+    NotReady(InstanceState),
+}
+
 /// Told when a deploy's first instance of a new revision is ready (or why it is not).
 pub type StartNotice = oneshot::Sender<Result<(), String>>;
 
@@ -439,6 +447,34 @@ impl Service {
         g.queues.entry(n).or_default().push_back(tx);
         self.plan(&mut g);
         Acquired::Held(rx)
+    }
+
+    /// A lease on the instance whose container id is or starts with `container` (an exec into
+    /// it), whatever its load: while held, the instance is busy and is neither frozen nor
+    /// stopped. Returns the full container id.
+    pub fn lease_instance(self: &Arc<Self>, container: &str) -> Result<(Lease, String), NoInstance> {
+        let mut g = self.lock();
+        let matches = |i: &&mut Instance| i.container.as_deref().is_some_and(|c| c.starts_with(container));
+        let mut found = g.instances.iter_mut().filter(matches);
+        let inst = match (found.next(), found.next()) {
+            (Some(i), None) => i,
+            (None, _) => return Err(NoInstance::Unknown),
+            (Some(_), Some(_)) => return Err(NoInstance::Ambiguous),
+        };
+        if inst.state != InstanceState::Ready {
+            return Err(NoInstance::NotReady(inst.state));
+        }
+        inst.in_flight += 1;
+        inst.last_active = Instant::now();
+        let id = inst.container.clone().expect("matched on its container");
+        let addr = inst.addr.expect("a ready instance has an address");
+        let revision = inst.revision;
+        Ok((Lease { svc: Some(self.clone()), slot: inst.slot, addr, revision }, id))
+    }
+
+    /// The container of the instance in `slot`, if it has one.
+    pub fn container_of(&self, slot: u64) -> Option<String> {
+        self.lock().instances.iter().find(|i| i.slot == slot).and_then(|i| i.container.clone())
     }
 
     /// Hands free slots to held requests, oldest first per revision; then plans for those
