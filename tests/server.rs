@@ -94,7 +94,7 @@ fn services_api() {
     assert_eq!(
         patched.json()["scaling"],
         json!({"min": 1, "max": 3, "concurrency": 10, "freeze_after": "10s", "stop_after": "5m",
-               "request_timeout": "1m30s", "queue": 50})
+               "request_timeout": "1m30s", "queue": 50, "target": 7, "target_set": false, "stable_window": "1m"})
     );
 
     // Errors: status, and a message naming what was wrong.
