@@ -100,6 +100,17 @@ fn a_90_10_split_sends_a_tenth_to_the_second_revision_and_its_tag_reaches_it_alo
     s.wait_service("split", Duration::from_secs(20), "revision 1 drained", |v| {
         v["instances"].as_array().unwrap().iter().all(|i| i["revision"] == 2)
     });
+    // The engine's image GC keeps the images of revisions in service (and recent ones), even
+    // at zero and with their tag removed from the image store.
+    s.cli_ok(&b, &["tag", "split", "1", "old"]);
+    s.cli_ok(&b, &["scale", "split", "--freeze-after", "100ms", "--stop-after", "200ms"]);
+    s.wait_service("split", Duration::from_secs(20), "zero instances", |v| {
+        v["instances"].as_array().unwrap().is_empty()
+    });
+    b.ok(&["image", "rm", &python()]);
+    b.ok(&["image", "gc"]);
+    assert_eq!(revision_of(&s, &host), "2", "revision 2 starts from zero after the GC");
+    assert_eq!(revision_of(&s, &format!("old--split.{}", s.domain)), "1", "so does the tagged revision 1");
 }
 
 /// `clients` threads send `path` in a loop until `stop`; returns every status seen.
@@ -226,6 +237,17 @@ fn env_changes_roll_out_and_a_secret_reaches_the_app_but_nothing_shows_it() {
     assert_eq!(s.get("sec", "/env/TOKEN").text(), SECRET, "the secret reaches the container's env");
     let (_, ls) = run(&s, &["env", "sec", "ls"]);
     assert!(ls.contains("A=1") && ls.contains("B=2") && ls.contains("TOKEN=<secret>"), "{ls}");
+    // Output quoted in a failed deploy (a release command that prints its env) is masked.
+    let image = python();
+    let (code, out) = run(&s, &["deploy", "sec", "--image", &image, "--release-command", "env; exit 1", "--wait"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("TOKEN=<secret TOKEN>"), "the secret is masked in the release output: {out}");
+    let last = s.service("sec")["last_deploy"]["error"].as_str().unwrap().to_string();
+    assert!(last.contains("<secret TOKEN>"), "{last}");
+    // The engine's runtime files (which hold the process's env) are root's only.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(b.data_dir().join("containers")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "containers/ is private");
     // Unset, and a change that fails: the old revision serves and the stored env is unchanged.
     let (code, out) = run(&s, &["env", "sec", "unset", "A"]);
     assert_eq!(code, Some(0), "{out}");
@@ -274,10 +296,8 @@ fn env_changes_roll_out_and_a_secret_reaches_the_app_but_nothing_shows_it() {
     s.restart(&b);
     assert_eq!(s.get("sec", "/env/TOKEN").text(), SECRET);
     let log = s.log_text();
-    let db: Vec<u8> = ["berth.db", "berth.db-wal"]
-        .iter()
-        .flat_map(|f| std::fs::read(b.data_dir().join(f)).unwrap_or_default())
-        .collect();
+    let db = s.database_bytes();
+    assert!(db.len() > 1000 && db.windows(5).any(|w| w == b"TOKEN"), "the database was read: it names the secret");
     for (what, text) in outputs
         .iter()
         .map(|o| ("CLI output", o.as_str()))
@@ -382,7 +402,12 @@ fn deploy_tokens_deploy_one_service_only_and_domains_route_to_their_service() {
     let r = request(s.http, "GET", "api.example.com", "/", &[], b"").unwrap();
     assert_eq!((r.status, r.header("berth-error")), (404, Some("unknown-host")));
     // Deleting the service frees its names.
+    // A deploy token goes with its service: a new service of the same name is not its.
+    s.cli_ok(&b, &["tokens", "create", "ci2", "--deploy", "other"]);
+    s.cli_ok(&b, &["rm", "other"]);
+    assert!(!s.cli_ok(&b, &["tokens", "ls"]).contains("ci2"), "revoked with its service");
     s.cli_ok(&b, &["rm", "app"]);
+    deploy(&s, &b, "other", &[]);
     s.cli_ok(&b, &["domains", "other", "add", "www.example.com"]);
     assert_eq!(request(s.http, "GET", "www.example.com", "/", &[], b"").unwrap().status, 200);
 }
@@ -448,6 +473,17 @@ fn volumes_keep_data_across_revisions_zero_and_restarts_and_release_commands_gat
     );
     assert_eq!(s.get("vol", "/env/V").text(), "three");
     assert_eq!(s.get("vol", "/file/data/releases").text(), "migrated to three\n", "the failed deploy ran nothing else");
+    // A rollback to the revision whose release failed runs its release command (it never ran
+    // to the end), and fails the same way; a tag cannot name it either.
+    let failed = s.service("vol")["last_deploy"]["revision"].as_i64().unwrap().to_string();
+    let out = s.cli(&b, &["rollback", "vol", &failed]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("exited with code 7"), "{out:?}");
+    let out = s.cli(&b, &["tag", "vol", &failed, "broken"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("never became ready"), "{out:?}");
+    // A volume belongs to its service: another one naming it gets its own, empty.
+    deploy(&s, &b, "thief", &["--volume", "data:/data"]);
+    assert_eq!(s.get("thief", "/file/data/note").status, 404, "no way into vol's volume");
     assert!(
         s.service("vol")["release_command"].as_str().unwrap().contains("migrated"),
         "the failed deploy's settings are not kept"

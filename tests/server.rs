@@ -30,7 +30,7 @@ fn admin_token_is_private_stable_and_required() {
     assert_eq!(mode, 0o600, "admin-token mode");
     let token = server.token();
     assert!(token.len() >= 32, "{token:?}");
-    let db = std::fs::read(b.data_dir().join("berth.db")).unwrap();
+    let db = server.database_bytes();
     assert!(!db.windows(token.len()).any(|w| w == token.as_bytes()), "the token itself is not in the database");
 
     let none = request(server.api, "GET", "127.0.0.1", "/api/v1/services", &[], b"").unwrap();

@@ -112,6 +112,16 @@ pub fn forward_signals() {
     }
 }
 
+/// Gives SIGPIPE its default action (end the process), which Rust's runtime replaces with
+/// "ignore": a command printing into a closed pipe (`berth services | head -1`) then ends
+/// quietly, as Unix tools do, instead of failing on EPIPE. For short-lived CLI processes only.
+pub fn default_sigpipe() {
+    // SAFETY: setting a signal's disposition to the default installs no handler.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 static WINCH: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 extern "C" fn remember_winch(_: libc::c_int) {
@@ -173,6 +183,9 @@ impl Attach {
     }
 }
 
+/// The file under the data directory listing image ids `gc` keeps though no container uses them.
+pub const GC_ROOTS: &str = "gc-roots";
+
 pub struct Engine {
     data_dir: PathBuf,
     config: Config,
@@ -186,6 +199,12 @@ impl Engine {
         for d in ["containers", "names", "run"] {
             fs::create_dir_all(data_dir.join(d)).map_err(io_err(format!("creating {}", data_dir.join(d).display())))?;
         }
+        // A container's spec and bundle hold its process's environment (secrets included):
+        // root only.
+        use std::os::unix::fs::PermissionsExt;
+        let containers = data_dir.join("containers");
+        fs::set_permissions(&containers, fs::Permissions::from_mode(0o700))
+            .map_err(io_err(format!("making {} private", containers.display())))?;
         let images = image::Store::open(data_dir, &config)?;
         Ok(Engine { data_dir: data_dir.to_path_buf(), config, images, shim })
     }
@@ -573,8 +592,14 @@ impl Engine {
     }
 
     /// Image ids that containers (running or not) still use: garbage collection keeps them.
+    /// Images a container uses, plus those named in `<data-dir>/gc-roots` (one image id per
+    /// line: the server's revisions in service and the recent ones it may roll back to).
     pub fn images_in_use(&self) -> Result<HashSet<crate::Digest>, Error> {
-        Ok(self.list()?.into_iter().map(|c| c.spec.image_id).collect())
+        let mut used: HashSet<crate::Digest> = self.list()?.into_iter().map(|c| c.spec.image_id).collect();
+        if let Ok(text) = fs::read_to_string(self.data_dir.join(GC_ROOTS)) {
+            used.extend(text.lines().filter_map(|l| l.trim().parse::<crate::Digest>().ok()));
+        }
+        Ok(used)
     }
 
     pub fn gc(&self) -> Result<image::GcReport, Error> {

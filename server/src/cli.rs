@@ -210,6 +210,11 @@ pub fn main() -> i32 {
         init_tracing("info");
         return crate::server::main(&cli.data_dir, cli.config.as_deref(), args);
     }
+    if !matches!(cli.command, Command::Exec { .. } | Command::Image(_) | Command::Run(_) | Command::Container(_)) {
+        // A client command printing into a closed pipe (`berth traffic web | head -1`) ends
+        // quietly, as Unix tools do, instead of panicking in println!.
+        berth_agent::engine::default_sigpipe();
+    }
     let client_result = match &cli.command {
         Command::Deploy { args, conn } => Some(client::deploy(conn, &cli.data_dir, args)),
         Command::Services { conn } => Some(client::services(conn, &cli.data_dir)),

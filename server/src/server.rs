@@ -143,7 +143,8 @@ async fn serve(data_dir: &Path, mut cfg: berth_agent::Config, settings: Settings
         }
     };
     let engine = Arc::new(crate::cli::open_engine_at(data_dir, cfg)?);
-    let db = db::open(data_dir).await?;
+    let location = db::Location::parse(settings.database_url.as_deref(), data_dir).map_err(anyhow::Error::msg)?;
+    let db = db::open(&location).await?;
     let unfinished = db::fail_unfinished_deploys(&db).await?;
     if unfinished > 0 {
         tracing::warn!(deploys = unfinished, "deploys the previous server left unfinished are marked failed");
@@ -165,6 +166,7 @@ async fn serve(data_dir: &Path, mut cfg: berth_agent::Config, settings: Settings
         keys: secrets::Keyring::load_or_create(data_dir)?,
     };
     let adopted = load_services(&state).await?;
+    write_gc_roots(&state).await;
     let executor = instance::Executor {
         engine: engine.clone(),
         data_dir: data_dir.to_path_buf(),
@@ -193,6 +195,7 @@ async fn serve(data_dir: &Path, mut cfg: berth_agent::Config, settings: Settings
         services = platform.all().len(),
         adopted,
         token_file = %data_dir.join(token::FILE).display(),
+        database = %location.describe(),
         "berth server listening"
     );
     // Where the CLI finds this server when BERTH_API is not set.
@@ -303,6 +306,39 @@ async fn load_services(state: &api::AppState) -> anyhow::Result<usize> {
         }
     }
     Ok(adopted)
+}
+
+/// Revisions whose images `berth image gc` keeps for each service besides those in service.
+const KEEP_REVISIONS: usize = 10;
+
+/// Rewrites `<data-dir>/gc-roots`: the image ids of every service's revisions in service (its
+/// traffic, tags and last deployed revision) and of its newest revisions, so the engine's
+/// image GC never deletes what a request, a split, a tag or a rollback needs. Errors are
+/// logged: a stale list only keeps too much or too little until the next write.
+pub async fn write_gc_roots(state: &api::AppState) {
+    let result: anyhow::Result<()> = async {
+        let mut ids = std::collections::BTreeSet::new();
+        for s in db::list_services(&state.db).await? {
+            let in_service: std::collections::HashSet<i64> = api::stored_traffic(&s)
+                .iter()
+                .map(|t| t.revision)
+                .chain(s.tags.values().copied())
+                .chain(s.revision)
+                .collect();
+            for (i, r) in db::list_revisions(&state.db, s.id).await?.into_iter().enumerate() {
+                if i < KEEP_REVISIONS || in_service.contains(&r.number) {
+                    ids.insert(r.image_id);
+                }
+            }
+        }
+        let text: String = ids.into_iter().map(|id| id + "\n").collect();
+        berth_agent::container::write_atomic(&state.data_dir.join(berth_agent::engine::GC_ROOTS), text.as_bytes())?;
+        Ok(())
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::warn!(error = %format!("{e:#}"), "writing gc-roots");
+    }
 }
 
 /// A stored revision of `service` as instances run it: its secrets opened.

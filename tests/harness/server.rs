@@ -124,7 +124,23 @@ pub struct Server {
     pub data_dir: PathBuf,
     /// The server's stderr (its log), appended across restarts.
     pub log: PathBuf,
+    /// With `BERTH_TEST_POSTGRES` set: the PostgreSQL database of this server (dropped at the end).
+    pub postgres: Option<(String, String)>,
     args: Vec<String>,
+}
+
+/// The PostgreSQL server the suite runs against its second time (`scripts/test-postgres`),
+/// e.g. `postgres://postgres@127.0.0.1:55432`; None: SQLite.
+pub fn postgres_base() -> Option<String> {
+    std::env::var("BERTH_TEST_POSTGRES").ok().filter(|s| !s.is_empty()).map(|s| s.trim_end_matches('/').to_string())
+}
+
+fn psql(base: &str, sql: &str) {
+    let out = Command::new("psql")
+        .args([&format!("{base}/postgres"), "-v", "ON_ERROR_STOP=1", "-qc", sql])
+        .output()
+        .expect("running psql");
+    assert!(out.status.success(), "psql {sql:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 impl Server {
@@ -145,6 +161,18 @@ impl Server {
             }
         }
         args.extend(extra.iter().map(|s| s.to_string()));
+        // A fresh database per server, when the suite runs on PostgreSQL.
+        let postgres = match postgres_base() {
+            Some(base) if !extra.contains(&"--database-url") => {
+                static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let db = format!("berth_t{}_{n}", std::process::id());
+                psql(&base, &format!("CREATE DATABASE {db}"));
+                args.extend(["--database-url".to_string(), format!("{base}/{db}")]);
+                Some((base, db))
+            }
+            _ => None,
+        };
         let api = last_port(&args, "--api-addr").unwrap_or(api);
         let http = last_port(&args, "--http-addr").unwrap_or(http);
         let mut s = Server {
@@ -154,6 +182,7 @@ impl Server {
             domain: "test.local".into(),
             data_dir: berth.data_dir().to_path_buf(),
             log,
+            postgres,
             args,
         };
         s.wait_up();
@@ -172,6 +201,22 @@ impl Server {
             }
             assert!(Instant::now() < deadline, "berth server did not answer within 30s; log:\n{}", self.log_text());
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Everything the database holds, as bytes: the SQLite files, or a `pg_dump` of the
+    /// PostgreSQL database (to check what is, and is not, stored).
+    pub fn database_bytes(&self) -> Vec<u8> {
+        match &self.postgres {
+            Some((base, db)) => {
+                let out = Command::new("pg_dump").arg(format!("{base}/{db}")).output().expect("running pg_dump");
+                assert!(out.status.success(), "pg_dump: {}", String::from_utf8_lossy(&out.stderr));
+                out.stdout
+            }
+            None => ["berth.db", "berth.db-wal"]
+                .iter()
+                .flat_map(|f| std::fs::read(self.data_dir.join(f)).unwrap_or_default())
+                .collect(),
         }
     }
 
@@ -298,6 +343,11 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some((base, db)) = &self.postgres {
+            let _ = Command::new("psql")
+                .args([&format!("{base}/postgres"), "-qc", &format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")])
+                .output();
+        }
         // The API firewall rule of a killed server (the harness removes the bridge itself).
         let _ = Command::new("sh")
             .arg("-c")

@@ -199,7 +199,7 @@ pub(super) fn env_map(pairs: &[String]) -> Result<serde_json::Map<String, Value>
             Some((k, v)) => m.insert(k.to_string(), Value::String(v.to_string())),
             None => match std::env::var(kv) {
                 Ok(v) => m.insert(kv.clone(), Value::String(v)),
-                Err(_) => bail!("--env {kv}: expected K=V (or the name of a variable set in this shell)"),
+                Err(_) => bail!("{kv}: expected K=V, or the name of a variable set in this shell (it is not set)"),
             },
         };
     }
@@ -330,12 +330,12 @@ pub fn revisions(conn: &Conn, data_dir: &Path, name: &str) -> Result<i32> {
             out,
             "{} {:>8} {:>6}% {:<21} {:<6} {:<20} {:>5}  {:<16} {}",
             if r["serving"] == true { "*" } else { " " },
-            r["number"],
-            r["percent"],
+            r["number"].as_i64().unwrap_or(0),
+            r["percent"].as_i64().unwrap_or(0),
             r["created_at"].as_str().unwrap_or(""),
             if r["served_at"].is_null() { "never" } else { "yes" },
             id.get(..19).unwrap_or(id),
-            r["port"],
+            r["port"].as_i64().unwrap_or(0),
             tags,
             r["image"].as_str().unwrap_or("")
         )?;

@@ -50,7 +50,12 @@ pub fn traffic(conn: &Conn, data_dir: &Path, a: &TrafficArgs) -> Result<i32> {
     let c = Client::new(conn, data_dir)?;
     let path = format!("/services/{}/traffic", a.name);
     let v = if a.split.is_empty() {
-        crate::cli::runtime().block_on(c.json(c.req(reqwest::Method::GET, &path)))?
+        let v = crate::cli::runtime().block_on(c.json(c.req(reqwest::Method::GET, &path)))?;
+        if !conn.json && v["traffic"].as_array().is_some_and(|t| t.is_empty()) {
+            println!("{}: not deployed yet (no revision takes traffic)", a.name);
+            return Ok(0);
+        }
+        v
     } else {
         let body = serde_json::json!({ "traffic": parse_split(&a.split)? });
         crate::cli::runtime().block_on(c.json(c.req(reqwest::Method::PUT, &path).json(&body)))?
@@ -88,7 +93,9 @@ pub fn untag(conn: &Conn, data_dir: &Path, name: &str, tag: &str) -> Result<i32>
     let c = Client::new(conn, data_dir)?;
     let path = format!("/services/{name}/tags/{tag}");
     crate::cli::runtime().block_on(c.send(c.req(reqwest::Method::DELETE, &path)))?;
-    if !conn.json {
+    if conn.json {
+        println!("{}", serde_json::json!({ "service": name, "removed_tag": tag }));
+    } else {
         println!("{name}: tag {tag} removed");
     }
     Ok(0)
@@ -219,7 +226,9 @@ pub fn tokens(conn: &Conn, data_dir: &Path, cmd: &TokensCommand) -> Result<i32> 
         }
         TokensCommand::Revoke { name } => {
             rt.block_on(c.send(c.req(reqwest::Method::DELETE, &format!("/tokens/{name}"))))?;
-            if !conn.json {
+            if conn.json {
+                println!("{}", serde_json::json!({ "revoked": name }));
+            } else {
                 println!("token {name} revoked");
             }
         }
@@ -255,7 +264,9 @@ pub fn domains(conn: &Conn, data_dir: &Path, name: &str, cmd: &DomainsCommand) -
         DomainsCommand::Rm { host } => {
             check(host)?;
             rt.block_on(c.send(c.req(reqwest::Method::DELETE, &format!("/services/{name}/domains/{host}"))))?;
-            if !conn.json {
+            if conn.json {
+                println!("{}", serde_json::json!({ "service": name, "removed_domain": host }));
+            } else {
                 println!("{name} no longer answers at {host}");
             }
             return Ok(0);

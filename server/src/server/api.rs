@@ -7,7 +7,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use sqlx::SqlitePool;
 
 mod domains;
 mod env;
@@ -17,11 +16,12 @@ mod tokens;
 mod traffic;
 
 pub use services::check_name;
+pub use traffic::stored_traffic;
 
 /// What every handler gets.
 #[derive(Clone)]
 pub struct AppState {
-    pub db: SqlitePool,
+    pub db: super::db::Pool,
     pub platform: std::sync::Arc<super::platform::Platform>,
     pub engine: std::sync::Arc<berth_agent::Engine>,
     pub actions: tokio::sync::mpsc::UnboundedSender<super::platform::Action>,

@@ -1,12 +1,23 @@
-//! The control plane's state in SQLite (`<data-dir>/berth.db`): opening it, applying the
-//! embedded migrations, and the queries on services, revisions, deploys and tokens.
+//! The control plane's state: SQLite (`<data-dir>/berth.db`) by default, or PostgreSQL
+//! (`--database-url postgres://…`); opening it, applying the embedded migrations of its kind
+//! (`migrations/sqlite`, `migrations/postgres`), and the queries on services, revisions,
+//! deploys, tokens and domains.
+//!
+//! Invariant: every query is written once, in the SQL both accept, with `$N` placeholders
+//! (SQLite reads `$N` as parameter N too) and `RETURNING` instead of `last_insert_rowid()`;
+//! every integer column is 64-bit on both.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::Context;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow};
-use sqlx::Row;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{Executor, Row};
+
+/// A pool of connections to either database.
+pub type Pool = sqlx::AnyPool;
+type SqliteRow = AnyRow;
+type SqlitePool = Pool;
 
 use super::platform::{TrafficView, VolumeMount};
 use super::scaling::Scaling;
@@ -14,23 +25,83 @@ use super::scaling::Scaling;
 /// The database file under the data directory.
 pub const FILE: &str = "berth.db";
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+static SQLITE: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");
+static POSTGRES: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/postgres");
 
-/// Opens (creating it if needed) the database and applies pending migrations.
-pub async fn open(data_dir: &Path) -> anyhow::Result<SqlitePool> {
-    let path = data_dir.join(FILE);
-    let options = SqliteConnectOptions::new()
-        .filename(&path)
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
-        .foreign_keys(true)
-        .busy_timeout(std::time::Duration::from_secs(5));
-    let pool = SqlitePoolOptions::new()
-        .max_connections(4)
-        .connect_with(options)
+/// Where the state lives, as `--database-url` says (None: SQLite in the data directory).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    Sqlite(std::path::PathBuf),
+    Postgres(String),
+}
+
+impl Location {
+    /// Reads `--database-url`: `postgres://` or `postgresql://` URLs, or `sqlite:PATH`.
+    pub fn parse(url: Option<&str>, data_dir: &Path) -> Result<Location, String> {
+        let Some(url) = url else { return Ok(Location::Sqlite(data_dir.join(FILE))) };
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Ok(Location::Postgres(url.to_string()));
+        }
+        if let Some(path) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
+            if path.is_empty() || path.contains('?') {
+                return Err(format!("--database-url {url:?}: give sqlite:PATH, a file, without options"));
+            }
+            return Ok(Location::Sqlite(path.into()));
+        }
+        Err(format!(
+            "--database-url: expected postgres://USER:PASSWORD@HOST:PORT/DB or sqlite:PATH, got {:?}",
+            redact(url)
+        ))
+    }
+
+    /// For messages: never the password.
+    pub fn describe(&self) -> String {
+        match self {
+            Location::Sqlite(p) => p.display().to_string(),
+            Location::Postgres(url) => redact(url),
+        }
+    }
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let cred = &url[s + 3..at];
+            match cred.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Opens (creating a SQLite file if needed) the database and applies pending migrations.
+pub async fn open(location: &Location) -> anyhow::Result<Pool> {
+    sqlx::any::install_default_drivers();
+    let what = location.describe();
+    let (url, migrator) = match location {
+        Location::Sqlite(path) => (format!("sqlite://{}?mode=rwc", path.display()), &SQLITE),
+        Location::Postgres(url) => (url.clone(), &POSTGRES),
+    };
+    let sqlite = matches!(location, Location::Sqlite(_));
+    let pool = AnyPoolOptions::new()
+        .max_connections(if sqlite { 4 } else { 8 })
+        .acquire_timeout(std::time::Duration::from_secs(10))
+        .after_connect(move |conn, _| {
+            Box::pin(async move {
+                if sqlite {
+                    conn.execute("PRAGMA journal_mode = WAL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000;")
+                        .await?;
+                }
+                Ok(())
+            })
+        })
+        .connect(&url)
         .await
-        .with_context(|| format!("opening {}", path.display()))?;
-    MIGRATOR.run(&pool).await.with_context(|| format!("applying migrations to {}", path.display()))?;
+        .with_context(|| format!("opening the database {what}"))?;
+    migrator.run(&pool).await.with_context(|| format!("applying migrations to {what}"))?;
     Ok(pool)
 }
 
@@ -127,7 +198,7 @@ pub enum InsertError {
     Other(anyhow::Error),
 }
 
-type Query<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
+type Query<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
 
 /// Binds a service's scaling columns, in the order `min, max, concurrency, freeze_after_ms,
 /// stop_after_ms, request_timeout_ms, queue, target, stable_window_ms`.
@@ -150,7 +221,7 @@ pub async fn insert_service(pool: &SqlitePool, s: &Service) -> Result<i64, Inser
     let q = sqlx::query(
         "INSERT INTO services (name, port, env, secrets, health_path, volumes, release_command, min, max, concurrency, freeze_after_ms, \
          stop_after_ms, request_timeout_ms, queue, target, stable_window_ms, revision, created_at, updated_at) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, NULL, $17, $18) RETURNING id",
     )
     .bind(&s.name)
     .bind(s.port.map(i64::from))
@@ -159,16 +230,16 @@ pub async fn insert_service(pool: &SqlitePool, s: &Service) -> Result<i64, Inser
     .bind(&s.health_path)
     .bind(serde_json::to_string(&s.volumes).map_err(|e| InsertError::Other(e.into()))?)
     .bind(&s.release_command);
-    let result = bind_scaling(q, sc).bind(&s.created_at).bind(&s.updated_at).execute(pool).await;
+    let result = bind_scaling(q, sc).bind(&s.created_at).bind(&s.updated_at).fetch_one(pool).await;
     match result {
-        Ok(r) => Ok(r.last_insert_rowid()),
+        Ok(r) => r.try_get::<i64, _>(0).map_err(|e| InsertError::Other(e.into())),
         Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(InsertError::Duplicate),
         Err(e) => Err(InsertError::Other(anyhow::Error::new(e).context(format!("inserting service {}", s.name)))),
     }
 }
 
 pub async fn get_service(pool: &SqlitePool, name: &str) -> anyhow::Result<Option<Service>> {
-    let row = sqlx::query(&format!("SELECT {SERVICE_COLUMNS} FROM services WHERE name = ?"))
+    let row = sqlx::query(&format!("SELECT {SERVICE_COLUMNS} FROM services WHERE name = $1"))
         .bind(name)
         .fetch_optional(pool)
         .await
@@ -188,8 +259,8 @@ pub async fn list_services(pool: &SqlitePool) -> anyhow::Result<Vec<Service>> {
 pub async fn set_service_config(pool: &SqlitePool, s: &Service) -> anyhow::Result<()> {
     let id = s.id;
     sqlx::query(
-        "UPDATE services SET port = ?, env = ?, secrets = ?, health_path = ?, volumes = ?, release_command = ?, \
-         updated_at = ? WHERE id = ?",
+        "UPDATE services SET port = $1, env = $2, secrets = $3, health_path = $4, volumes = $5, release_command = $6, \
+         updated_at = $7 WHERE id = $8",
     )
     .bind(s.port.map(i64::from))
     .bind(serde_json::to_string(&s.env)?)
@@ -208,8 +279,8 @@ pub async fn set_service_config(pool: &SqlitePool, s: &Service) -> anyhow::Resul
 /// Sets a service's scaling; false if there is no such service.
 pub async fn set_scaling(pool: &SqlitePool, name: &str, sc: &Scaling) -> anyhow::Result<bool> {
     let q = sqlx::query(
-        "UPDATE services SET min = ?, max = ?, concurrency = ?, freeze_after_ms = ?, stop_after_ms = ?, \
-         request_timeout_ms = ?, queue = ?, target = ?, stable_window_ms = ?, updated_at = ? WHERE name = ?",
+        "UPDATE services SET min = $1, max = $2, concurrency = $3, freeze_after_ms = $4, stop_after_ms = $5, \
+         request_timeout_ms = $6, queue = $7, target = $8, stable_window_ms = $9, updated_at = $10 WHERE name = $11",
     );
     let done = bind_scaling(q, sc)
         .bind(now())
@@ -222,7 +293,7 @@ pub async fn set_scaling(pool: &SqlitePool, name: &str, sc: &Scaling) -> anyhow:
 
 /// Deletes a service (and, by cascade, its revisions and deploys); false if there is none.
 pub async fn delete_service(pool: &SqlitePool, name: &str) -> anyhow::Result<bool> {
-    let done = sqlx::query("DELETE FROM services WHERE name = ?")
+    let done = sqlx::query("DELETE FROM services WHERE name = $1")
         .bind(name)
         .execute(pool)
         .await
@@ -271,7 +342,7 @@ fn revision_from_row(row: &SqliteRow) -> anyhow::Result<Revision> {
 /// A service's revisions, newest first.
 pub async fn list_revisions(pool: &SqlitePool, service_id: i64) -> anyhow::Result<Vec<Revision>> {
     let rows =
-        sqlx::query(&format!("SELECT {REVISION_COLUMNS} FROM revisions WHERE service_id = ? ORDER BY number DESC"))
+        sqlx::query(&format!("SELECT {REVISION_COLUMNS} FROM revisions WHERE service_id = $1 ORDER BY number DESC"))
             .bind(service_id)
             .fetch_all(pool)
             .await
@@ -280,7 +351,7 @@ pub async fn list_revisions(pool: &SqlitePool, service_id: i64) -> anyhow::Resul
 }
 
 pub async fn get_revision(pool: &SqlitePool, service_id: i64, number: i64) -> anyhow::Result<Option<Revision>> {
-    let row = sqlx::query(&format!("SELECT {REVISION_COLUMNS} FROM revisions WHERE service_id = ? AND number = ?"))
+    let row = sqlx::query(&format!("SELECT {REVISION_COLUMNS} FROM revisions WHERE service_id = $1 AND number = $2"))
         .bind(service_id)
         .bind(number)
         .fetch_optional(pool)
@@ -302,7 +373,7 @@ pub async fn insert_revision(
     let row = sqlx::query(
         "INSERT INTO revisions (service_id, number, image, image_id, port, env, secrets, health_path, volumes, \
          release_command, created_at) \
-         VALUES (?, (SELECT COALESCE(MAX(number), 0) + 1 FROM revisions WHERE service_id = ?), ?, ?, ?, ?, ?, ?, ?, ?, ?) \
+         VALUES ($1, (SELECT COALESCE(MAX(number), 0) + 1 FROM revisions WHERE service_id = $2), $3, $4, $5, $6, $7, $8, $9, $10, $11) \
          RETURNING number",
     )
     .bind(s.id)
@@ -336,7 +407,7 @@ pub async fn insert_revision(
 
 /// Puts revision `number` in service with all the traffic (tags stay).
 pub async fn set_current_revision(pool: &SqlitePool, service_id: i64, number: i64) -> anyhow::Result<()> {
-    sqlx::query("UPDATE services SET revision = ?, traffic = NULL, updated_at = ? WHERE id = ?")
+    sqlx::query("UPDATE services SET revision = $1, traffic = NULL, updated_at = $2 WHERE id = $3")
         .bind(number)
         .bind(now())
         .bind(service_id)
@@ -349,7 +420,7 @@ pub async fn set_current_revision(pool: &SqlitePool, service_id: i64, number: i6
 /// Sets how the untagged traffic is split (None: all to the service's revision).
 pub async fn set_traffic(pool: &SqlitePool, service_id: i64, traffic: Option<&[TrafficView]>) -> anyhow::Result<()> {
     let text = traffic.map(serde_json::to_string).transpose()?;
-    sqlx::query("UPDATE services SET traffic = ?, updated_at = ? WHERE id = ?")
+    sqlx::query("UPDATE services SET traffic = $1, updated_at = $2 WHERE id = $3")
         .bind(text)
         .bind(now())
         .bind(service_id)
@@ -361,7 +432,7 @@ pub async fn set_traffic(pool: &SqlitePool, service_id: i64, traffic: Option<&[T
 }
 
 pub async fn set_tags(pool: &SqlitePool, service_id: i64, tags: &BTreeMap<String, i64>) -> anyhow::Result<()> {
-    sqlx::query("UPDATE services SET tags = ?, updated_at = ? WHERE id = ?")
+    sqlx::query("UPDATE services SET tags = $1, updated_at = $2 WHERE id = $3")
         .bind(serde_json::to_string(tags)?)
         .bind(now())
         .bind(service_id)
@@ -374,7 +445,7 @@ pub async fn set_tags(pool: &SqlitePool, service_id: i64, tags: &BTreeMap<String
 /// Records that these revisions took traffic (once: the first time is kept).
 async fn mark_served(pool: &SqlitePool, service_id: i64, numbers: impl Iterator<Item = i64>) -> anyhow::Result<()> {
     for n in numbers {
-        sqlx::query("UPDATE revisions SET served_at = COALESCE(served_at, ?) WHERE service_id = ? AND number = ?")
+        sqlx::query("UPDATE revisions SET served_at = COALESCE(served_at, $1) WHERE service_id = $2 AND number = $3")
             .bind(now())
             .bind(service_id)
             .bind(n)
@@ -389,7 +460,7 @@ async fn mark_served(pool: &SqlitePool, service_id: i64, numbers: impl Iterator<
 /// not serving and drain).
 pub async fn fail_unfinished_deploys(pool: &SqlitePool) -> anyhow::Result<u64> {
     let r = sqlx::query(
-        "UPDATE deploys SET status = 'failed', error = 'the server stopped during the deploy', finished_at = ? \
+        "UPDATE deploys SET status = 'failed', error = 'the server stopped during the deploy', finished_at = $1 \
          WHERE finished_at IS NULL",
     )
     .bind(now())
@@ -401,7 +472,7 @@ pub async fn fail_unfinished_deploys(pool: &SqlitePool) -> anyhow::Result<u64> {
 
 /// Forgets a deploy that was refused before it began.
 pub async fn delete_deploy(pool: &SqlitePool, id: i64) -> anyhow::Result<()> {
-    sqlx::query("DELETE FROM deploys WHERE id = ?").bind(id).execute(pool).await.context("forgetting a deploy")?;
+    sqlx::query("DELETE FROM deploys WHERE id = $1").bind(id).execute(pool).await.context("forgetting a deploy")?;
     Ok(())
 }
 
@@ -432,7 +503,7 @@ pub async fn insert_deploy(
 ) -> anyhow::Result<i64> {
     let r = sqlx::query(
         "INSERT INTO deploys (service_id, kind, revision, image, status, token, created_at) \
-         VALUES (?, ?, ?, ?, 'pending', ?, ?)",
+         VALUES ($1, $2, $3, $4, 'pending', $5, $6) RETURNING id",
     )
     .bind(service_id)
     .bind(kind)
@@ -440,10 +511,10 @@ pub async fn insert_deploy(
     .bind(image)
     .bind(token)
     .bind(now())
-    .execute(pool)
+    .fetch_one(pool)
     .await
     .context("recording a deploy")?;
-    Ok(r.last_insert_rowid())
+    Ok(r.try_get::<i64, _>(0)?)
 }
 
 pub async fn update_deploy(
@@ -455,8 +526,8 @@ pub async fn update_deploy(
     finished: bool,
 ) -> anyhow::Result<()> {
     sqlx::query(
-        "UPDATE deploys SET status = ?, revision = COALESCE(?, revision), error = ?, \
-         finished_at = CASE WHEN ? THEN ? ELSE finished_at END WHERE id = ?",
+        "UPDATE deploys SET status = $1, revision = COALESCE($2, revision), error = $3, \
+         finished_at = CASE WHEN $4 THEN $5 ELSE finished_at END WHERE id = $6",
     )
     .bind(status)
     .bind(revision)
@@ -490,7 +561,7 @@ fn deploy_from_row(r: &SqliteRow) -> anyhow::Result<Deploy> {
 
 pub async fn get_deploy(pool: &SqlitePool, service: &str, id: i64) -> anyhow::Result<Option<Deploy>> {
     let row = sqlx::query(&format!(
-        "SELECT {DEPLOY_COLUMNS} FROM deploys d JOIN services s ON s.id = d.service_id WHERE s.name = ? AND d.id = ?"
+        "SELECT {DEPLOY_COLUMNS} FROM deploys d JOIN services s ON s.id = d.service_id WHERE s.name = $1 AND d.id = $2"
     ))
     .bind(service)
     .bind(id)
@@ -503,8 +574,8 @@ pub async fn get_deploy(pool: &SqlitePool, service: &str, id: i64) -> anyhow::Re
 /// A service's deploys, newest first, at most `limit`.
 pub async fn list_deploys(pool: &SqlitePool, service: &str, limit: i64) -> anyhow::Result<Vec<Deploy>> {
     let rows = sqlx::query(&format!(
-        "SELECT {DEPLOY_COLUMNS} FROM deploys d JOIN services s ON s.id = d.service_id WHERE s.name = ? \
-         ORDER BY d.id DESC LIMIT ?"
+        "SELECT {DEPLOY_COLUMNS} FROM deploys d JOIN services s ON s.id = d.service_id WHERE s.name = $1 \
+         ORDER BY d.id DESC LIMIT $2"
     ))
     .bind(service)
     .bind(limit)
@@ -517,7 +588,7 @@ pub async fn list_deploys(pool: &SqlitePool, service: &str, limit: i64) -> anyho
 /// Records the hash of the token called `name`, replacing the one it had.
 pub async fn ensure_token(pool: &SqlitePool, name: &str, hash: &str, scope: &str) -> anyhow::Result<()> {
     sqlx::query(
-        "INSERT INTO tokens (name, hash, scope, created_at) VALUES (?, ?, ?, ?) \
+        "INSERT INTO tokens (name, hash, scope, created_at) VALUES ($1, $2, $3, $4) \
          ON CONFLICT(name) DO UPDATE SET hash = excluded.hash, scope = excluded.scope",
     )
     .bind(name)
@@ -552,7 +623,7 @@ fn token_from_row(r: &SqliteRow) -> anyhow::Result<Token> {
 
 /// The token whose hash is `hash`, if there is one.
 pub async fn find_token(pool: &SqlitePool, hash: &str) -> anyhow::Result<Option<Token>> {
-    let row = sqlx::query("SELECT name, scope, service, created_at FROM tokens WHERE hash = ?")
+    let row = sqlx::query("SELECT name, scope, service, created_at FROM tokens WHERE hash = $1")
         .bind(hash)
         .fetch_optional(pool)
         .await
@@ -570,7 +641,7 @@ pub async fn list_tokens(pool: &SqlitePool) -> anyhow::Result<Vec<Token>> {
 
 /// Records a new token; Duplicate if the name is taken.
 pub async fn insert_token(pool: &SqlitePool, t: &Token, hash: &str) -> Result<(), InsertError> {
-    let r = sqlx::query("INSERT INTO tokens (name, hash, scope, service, created_at) VALUES (?, ?, ?, ?, ?)")
+    let r = sqlx::query("INSERT INTO tokens (name, hash, scope, service, created_at) VALUES ($1, $2, $3, $4, $5)")
         .bind(&t.name)
         .bind(hash)
         .bind(&t.scope)
@@ -587,7 +658,7 @@ pub async fn insert_token(pool: &SqlitePool, t: &Token, hash: &str) -> Result<()
 
 /// Deletes a token; false if there is none by that name.
 pub async fn delete_token(pool: &SqlitePool, name: &str) -> anyhow::Result<bool> {
-    let r = sqlx::query("DELETE FROM tokens WHERE name = ?")
+    let r = sqlx::query("DELETE FROM tokens WHERE name = $1")
         .bind(name)
         .execute(pool)
         .await
@@ -595,9 +666,19 @@ pub async fn delete_token(pool: &SqlitePool, name: &str) -> anyhow::Result<bool>
     Ok(r.rows_affected() == 1)
 }
 
+/// Revokes the deploy tokens scoped to `service`; returns how many.
+pub async fn delete_service_tokens(pool: &SqlitePool, service: &str) -> anyhow::Result<u64> {
+    let r = sqlx::query("DELETE FROM tokens WHERE scope = 'deploy' AND service = $1")
+        .bind(service)
+        .execute(pool)
+        .await
+        .with_context(|| format!("revoking the tokens of {service}"))?;
+    Ok(r.rows_affected())
+}
+
 /// A service's extra host names, sorted.
 pub async fn list_domains(pool: &SqlitePool, service_id: i64) -> anyhow::Result<Vec<String>> {
-    let rows = sqlx::query("SELECT host FROM domains WHERE service_id = ? ORDER BY host")
+    let rows = sqlx::query("SELECT host FROM domains WHERE service_id = $1 ORDER BY host")
         .bind(service_id)
         .fetch_all(pool)
         .await
@@ -616,7 +697,7 @@ pub async fn all_domains(pool: &SqlitePool) -> anyhow::Result<Vec<(String, Strin
 
 /// Gives `host` to a service; Duplicate if some service has it.
 pub async fn insert_domain(pool: &SqlitePool, service_id: i64, host: &str) -> Result<(), InsertError> {
-    let r = sqlx::query("INSERT INTO domains (host, service_id, created_at) VALUES (?, ?, ?)")
+    let r = sqlx::query("INSERT INTO domains (host, service_id, created_at) VALUES ($1, $2, $3)")
         .bind(host)
         .bind(service_id)
         .bind(now())
@@ -631,7 +712,7 @@ pub async fn insert_domain(pool: &SqlitePool, service_id: i64, host: &str) -> Re
 
 /// The service that has `host`, if any.
 pub async fn domain_owner(pool: &SqlitePool, host: &str) -> anyhow::Result<Option<String>> {
-    let row = sqlx::query("SELECT s.name FROM domains d JOIN services s ON s.id = d.service_id WHERE d.host = ?")
+    let row = sqlx::query("SELECT s.name FROM domains d JOIN services s ON s.id = d.service_id WHERE d.host = $1")
         .bind(host)
         .fetch_optional(pool)
         .await
@@ -640,7 +721,7 @@ pub async fn domain_owner(pool: &SqlitePool, host: &str) -> anyhow::Result<Optio
 }
 
 pub async fn delete_domain(pool: &SqlitePool, service_id: i64, host: &str) -> anyhow::Result<bool> {
-    let r = sqlx::query("DELETE FROM domains WHERE service_id = ? AND host = ?")
+    let r = sqlx::query("DELETE FROM domains WHERE service_id = $1 AND host = $2")
         .bind(service_id)
         .bind(host)
         .execute(pool)

@@ -89,9 +89,10 @@ pub async fn run(
     };
     match &outcome {
         Ok(n) => tracing::info!(revision = n, "deploy succeeded"),
-        Err(e) => tracing::warn!(error = %e, "deploy failed"),
+        Err(e) => tracing::warn!(error = ?e, "deploy failed"),
     }
     live.end_deploy();
+    super::write_gc_roots(&state).await;
     if let Err(e) = db::update_deploy(&state.db, id, status, revision, error, true).await {
         tracing::error!(error = %format!("{e:#}"), "recording the end of a deploy");
     }
@@ -143,10 +144,7 @@ async fn steps(
             db::update_deploy(&state.db, id, "starting", Some(rev.number), None, false)
                 .await
                 .map_err(|e| format!("{e:#}"))?;
-            say(format!(
-                "revision {} (revision {n}'s image, new settings): starting an instance on port {port}",
-                rev.number
-            ));
+            say(format!("revision {} (revision {n}'s image, new settings, port {port}) recorded", rev.number));
             rev
         }
         Source::Revision(n) => {
@@ -154,13 +152,15 @@ async fn steps(
             db::update_deploy(&state.db, id, "starting", Some(rev.number), None, false)
                 .await
                 .map_err(|e| format!("{e:#}"))?;
-            say(format!("revision {n} ({}): starting an instance on port {}", rev.image, rev.port));
+            say(format!("revision {n} ({}, port {}) back in service", rev.image, rev.port));
             rev
         }
     };
     let revision = super::to_live_revision(&state.keys, &service.name, &rev).map_err(|e| format!("{e:#}"))?;
-    if let (Some(cmd), false) = (&rev.release_command, matches!(source, Source::Revision(_))) {
-        // Before the traffic moves (database migrations); a rollback does not run it again.
+    // A rollback to a revision that served does not run it again: its work was done then.
+    let released = matches!(source, Source::Revision(_)) && rev.served_at.is_some();
+    if let (Some(cmd), false) = (&rev.release_command, released) {
+        // Before the traffic moves (database migrations).
         db::update_deploy(&state.db, id, "releasing", Some(rev.number), None, false)
             .await
             .map_err(|e| format!("{e:#}"))?;
@@ -176,6 +176,7 @@ async fn steps(
             Err(why) => return Err(format!("revision {}: the release command failed: {why}", rev.number)),
         }
     }
+    say(format!("revision {}: starting an instance on port {}", rev.number, rev.port));
     let (tx, rx) = oneshot::channel();
     live.start_candidate(revision.clone(), timeout, tx);
     match rx.await {
@@ -257,7 +258,7 @@ async fn new_revision(
         .await
         .map_err(|e| format!("{e:#}"))?;
     db::update_deploy(&state.db, id, "starting", Some(rev.number), None, false).await.map_err(|e| format!("{e:#}"))?;
-    say(format!("revision {} ({}): starting an instance on port {port}", rev.number, image.id.short()));
+    say(format!("revision {} ({}, port {port}) recorded", rev.number, image.id.short()));
     Ok(rev)
 }
 

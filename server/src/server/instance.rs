@@ -57,11 +57,12 @@ impl Executor {
         match a {
             Action::Start { svc, slot, revision, timeout, notify } => {
                 let t0 = Instant::now();
-                let result = self.start(&svc, slot, &revision, timeout).await;
+                // Quoted output may hold the app's env: its secrets are masked.
+                let result = self.start(&svc, slot, &revision, timeout).await.map_err(|e| redact(&e, &revision));
                 match &result {
                     Ok(addr) => tracing::info!(service = %svc.name, revision = revision.number, %addr,
                         ms = t0.elapsed().as_millis() as u64, "instance ready"),
-                    Err(e) => tracing::warn!(service = %svc.name, revision = revision.number, reason = %e,
+                    Err(e) => tracing::warn!(service = %svc.name, revision = revision.number, reason = ?e,
                         "instance failed to start"),
                 }
                 if let Err(reason) = &result {
@@ -108,6 +109,10 @@ impl Executor {
                     })
                     .await;
                 if let Some(reason) = dead {
+                    let reason = match svc.revision() {
+                        Some(r) => redact(&reason, &r),
+                        None => reason,
+                    };
                     svc.on_dead(slot, &reason);
                     let name = svc.name.clone();
                     let dir = self.data_dir.clone();
@@ -341,16 +346,29 @@ impl Executor {
     }
 }
 
-/// Where named volumes live: `<data-dir>/volumes/<volume>`.
-pub fn volume_dir(data_dir: &Path, volume: &str) -> PathBuf {
-    data_dir.join("volumes").join(volume)
+/// Where a service's named volumes live: `<data-dir>/volumes/<service>/<volume>` (a volume
+/// belongs to its service: no service can name its way into another's data).
+pub fn volume_dir(data_dir: &Path, service: &str, volume: &str) -> PathBuf {
+    data_dir.join("volumes").join(service).join(volume)
+}
+
+/// `text` with every secret value of `rev` (4 characters or more) replaced by `<secret NAME>`:
+/// for output quoted in errors (an app or a release command may print its env).
+pub fn redact(text: &str, rev: &Revision) -> String {
+    let mut out = text.to_string();
+    for (k, v) in &rev.secrets.0 {
+        if v.len() >= 4 {
+            out = out.replace(v.as_str(), &format!("<secret {k}>"));
+        }
+    }
+    out
 }
 
 /// What a service's container is started with (its volumes' directories made if new).
 pub fn run_options(data_dir: &Path, service: &str, rev: &Revision) -> Result<RunOptions, String> {
     let mut mounts = Vec::new();
     for v in &rev.volumes {
-        let source = volume_dir(data_dir, &v.volume);
+        let source = volume_dir(data_dir, service, &v.volume);
         std::fs::create_dir_all(&source).map_err(|e| format!("creating volume {}: {e}", v.volume))?;
         mounts.push(berth_agent::engine::Mount { source, destination: v.path.clone(), read_only: false });
     }
@@ -418,7 +436,7 @@ pub fn run_release(
         std::thread::sleep(Duration::from_millis(20));
         state = engine.get(&id).map(|c| c.state);
     }
-    let tail = log_tail(engine, &id);
+    let tail = redact(&log_tail(engine, &id), rev);
     let _ = engine.remove(&id, true);
     let state = state.map_err(|e| format!("reading its state: {e}"))?;
     match state.exit_code {

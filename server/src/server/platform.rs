@@ -865,7 +865,7 @@ impl Service {
         g.crashes = g.crashes.saturating_add(1);
         let backoff = crash_backoff(g.crashes);
         g.retry_after = Some(now + backoff);
-        tracing::warn!(service = %self.name, reason, crashes = g.crashes, backoff_ms = backoff.as_millis() as u64,
+        tracing::warn!(service = %self.name, reason = ?reason, crashes = g.crashes, backoff_ms = backoff.as_millis() as u64,
             "instance died");
         g.last_error = Some(format!("an instance died ({} in a row): {reason}", g.crashes));
         self.dispatch(&mut g);

@@ -34,6 +34,10 @@ pub struct Args {
     /// and cgroups; 0 turns it off).
     #[arg(long, env = "BERTH_PREPARED", default_value_t = 4, value_name = "N")]
     pub prepared: usize,
+    /// Keep the state in PostgreSQL (postgres://USER:PASSWORD@HOST:PORT/DB) instead of SQLite
+    /// in <data-dir>/berth.db; `sqlite:PATH` puts the SQLite file elsewhere.
+    #[arg(long, env = "BERTH_DATABASE_URL", hide_env_values = true, value_name = "URL")]
+    pub database_url: Option<String>,
 }
 
 /// The validated options.
@@ -48,6 +52,7 @@ pub struct Settings {
     pub hold_body_limit: usize,
     pub header_timeout: std::time::Duration,
     pub prepared: usize,
+    pub database_url: Option<String>,
 }
 
 impl Settings {
@@ -100,6 +105,13 @@ impl Settings {
             hold_body_limit,
             header_timeout,
             prepared: args.prepared,
+            database_url: match &args.database_url {
+                Some(url) => {
+                    super::db::Location::parse(Some(url), std::path::Path::new("."))?;
+                    Some(url.clone())
+                }
+                None => None,
+            },
         })
     }
 }
@@ -288,6 +300,7 @@ mod tests {
             hold_body_limit: "1m".into(),
             header_timeout: "10s".into(),
             prepared: 4,
+            database_url: None,
         }
     }
 

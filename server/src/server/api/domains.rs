@@ -28,7 +28,8 @@ pub fn check_host(host: &str, domain: &str, control_host: &str) -> Result<String
     if h.len() > 253 {
         return Err(why(format!("is {} characters long, at most 253 are allowed", h.len())));
     }
-    if h.parse::<std::net::IpAddr>().is_ok() {
+    let bracketed = h.strip_prefix('[').and_then(|x| x.strip_suffix(']')).unwrap_or(&h);
+    if bracketed.parse::<std::net::IpAddr>().is_ok() {
         return Err(why("is an IP address, not a host name".into()));
     }
     let labels: Vec<&str> = h.split('.').collect();
@@ -37,6 +38,9 @@ pub fn check_host(host: &str, domain: &str, control_host: &str) -> Result<String
     }
     for l in &labels {
         crate::server::settings::label_problem(l).map_err(|e| why(format!("has a label {l:?} that {e}")))?;
+    }
+    if labels.last().is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit())) {
+        return Err(why("ends in an all-digit label: no top-level domain is numeric (is it an address?)".into()));
     }
     if h == control_host {
         return Err(why("is the control host (the API)".into()));
@@ -102,6 +106,9 @@ mod tests {
         for (bad, want) in [
             ("localhost", "single label"),
             ("10.0.0.1", "IP address"),
+            ("[::1]", "IP address"),
+            ("1.2.3", "all-digit"),
+            ("a.123", "all-digit"),
             ("berth.apps.test", "control host"),
             ("web.apps.test", "under the platform's domain"),
             ("apps.test", "under the platform's domain"),

@@ -199,16 +199,36 @@ pub(super) fn body<T: DeserializeOwned>(bytes: &Bytes) -> Result<T, Error> {
 pub fn check_name(name: &str) -> Result<(), String> {
     crate::server::settings::label_problem(name).map_err(|e| {
         format!("name: {name:?} {e} (a service name is a DNS label: 1-63 lowercase letters, digits and '-', not starting or ending with '-')")
-    })
+    })?;
+    if name.contains("--") {
+        return Err(format!(
+            "name: {name:?} contains \"--\", which separates a tag from its service in <tag>--<service> host names"
+        ));
+    }
+    Ok(())
 }
+
+/// The kernel's limit on one `K=V` string of a process's environment (MAX_ARG_STRLEN).
+const MAX_VAR: usize = 128 * 1024 - 1;
+/// What all of a service's variables may add up to (the kernel's ARG_MAX is 2 MiB in all).
+const MAX_ENV_TOTAL: usize = 1024 * 1024;
 
 fn check_env(env: &BTreeMap<String, String>) -> Result<(), String> {
     for (k, v) in env {
-        if k.is_empty() || k.contains('=') || k.contains('\0') {
-            return Err(format!("env: {k:?} is not a variable name (non-empty, without '=' or NUL)"));
+        let first_ok = k.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+        if !first_ok || !k.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')) {
+            return Err(format!(
+                "env: {k:?} is not a variable name (a letter or '_', then letters, digits, '_', '.' or '-')"
+            ));
         }
         if v.contains('\0') {
             return Err(format!("env: the value of {k} contains a NUL byte"));
+        }
+        if k.len() + 1 + v.len() > MAX_VAR {
+            return Err(format!(
+                "env: {k} is {} bytes long; one variable may have at most {MAX_VAR}",
+                k.len() + 1 + v.len()
+            ));
         }
     }
     Ok(())
@@ -237,7 +257,14 @@ pub(super) fn apply(keys: &crate::server::secrets::Keyring, service: &mut Servic
     }
     if let Some(v) = &s.volumes {
         check_volumes(v).map_err(Error::BadRequest)?;
-        service.volumes = v.clone();
+        // Stored as the mount sees it: one slash between parts, none at the end.
+        service.volumes = v
+            .iter()
+            .map(|m| platform::VolumeMount {
+                volume: m.volume.clone(),
+                path: format!("/{}", m.path.split('/').filter(|c| !c.is_empty()).collect::<Vec<_>>().join("/")),
+            })
+            .collect();
     }
     if let Some(c) = &s.release_command {
         if c.contains('\0') {
@@ -260,6 +287,13 @@ pub(super) fn apply(keys: &crate::server::secrets::Keyring, service: &mut Servic
         service.secrets.insert(k.clone(), keys.seal(&service.name, k, v));
     }
     service.env.extend(s.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    // Sealed values are longer than the plain ones: a bound on them bounds the plain ones too.
+    let total: usize = service.env.iter().chain(service.secrets.iter()).map(|(k, v)| k.len() + v.len() + 2).sum();
+    if total > MAX_ENV_TOTAL {
+        return Err(Error::BadRequest(format!(
+            "env: the variables and secrets would add up to {total} bytes; at most {MAX_ENV_TOTAL} fit in a process's environment"
+        )));
+    }
     if service.secrets.contains_key("PORT") {
         return Err(Error::BadRequest("secrets: PORT cannot be a secret: Berth reads it to reach the app".into()));
     }
@@ -282,6 +316,11 @@ fn check_volumes(v: &[platform::VolumeMount]) -> Result<(), String> {
         crate::server::settings::label_problem(&m.volume)
             .map_err(|e| format!("volumes[{i}].volume: {:?} {e} (a volume name is a DNS label)", m.volume))?;
         let p = &m.path;
+        if p.contains(':') {
+            return Err(format!(
+                "volumes[{i}].path: {p:?} contains ':' (volumes are mounted read-write; give NAME:PATH)"
+            ));
+        }
         if !p.starts_with('/') || p == "/" || p.split('/').any(|c| c == ".." || c == ".") || p.contains('\0') {
             return Err(format!(
                 "volumes[{i}].path: {p:?} must be an absolute path inside the container, not / and without . or .."
@@ -441,7 +480,10 @@ async fn remove(State(state): State<AppState>, Path(name): Path<String>) -> Resu
         live.delete();
     }
     let _ = std::fs::remove_dir_all(crate::server::instance::log_dir(&state.data_dir, &name));
-    tracing::info!(service = %name, "service deleted");
+    // A deploy token of a deleted service must not deploy a new one of the same name.
+    let revoked = db::delete_service_tokens(&state.db, &name).await?;
+    crate::server::write_gc_roots(&state).await;
+    tracing::info!(service = %name, tokens_revoked = revoked, "service deleted");
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -759,6 +801,7 @@ mod tests {
             ("a.b", "contains '.'"),
             ("-a", "starts or ends with '-'"),
             ("a-", "starts or ends with '-'"),
+            ("canary--web", "contains \"--\""),
             (&"x".repeat(64), "64 characters long"),
         ];
         for (name, want) in bad {
@@ -774,5 +817,9 @@ mod tests {
         assert!(check_env(&env("", "x")).unwrap_err().starts_with("env: "));
         assert!(check_env(&env("A=B", "x")).unwrap_err().contains("\"A=B\""));
         assert!(check_env(&env("A", "x\0")).unwrap_err().contains("NUL"));
+        assert!(check_env(&env("A B", "1")).unwrap_err().contains("is not a variable name"));
+        assert!(check_env(&env("1A", "1")).unwrap_err().contains("is not a variable name"));
+        assert_eq!(check_env(&env("my.app-key_2", "1")), Ok(()));
+        assert!(check_env(&env("BIG", &"x".repeat(200_000))).unwrap_err().contains("at most 131071"));
     }
 }

@@ -121,6 +121,7 @@ async fn set(
         req.traffic.iter().map(|t| TrafficView { revision: t.revision, percent: t.percent }).collect();
     db::set_traffic(&state.db, s.id, Some(&stored)).await?;
     live.set_traffic(split);
+    crate::server::write_gc_roots(&state).await;
     tracing::info!(service = %name, traffic = ?stored, "traffic split changed");
     let s = find(&state, &name).await?;
     Ok(Json(traffic_view(&state, &s)))
@@ -160,10 +161,17 @@ async fn tag(
     let mut s = find(&state, &name).await?;
     check_tag(&tag, &name).map_err(Error::BadRequest)?;
     let rev = usable(&state, &s, req.revision).await?;
+    if rev.served_at.is_none() && Some(rev.number) != s.revision {
+        return Err(Error::Conflict(format!(
+            "revision {} never became ready (its deploy failed): a tag would only answer 503; roll back to it or deploy again",
+            rev.number
+        )));
+    }
     let live = state.platform.get(&name).ok_or_else(|| Error::NotFound(format!("no service named {name:?}")))?;
     s.tags.insert(tag.clone(), rev.number);
     db::set_tags(&state.db, s.id, &s.tags).await?;
     live.set_tag(&tag, Some(crate::server::to_live_revision(&state.keys, &name, &rev)?));
+    crate::server::write_gc_roots(&state).await;
     tracing::info!(service = %name, tag, revision = rev.number, "tag set");
     Ok(Json(traffic_view(&state, &s)))
 }
