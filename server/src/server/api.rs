@@ -11,6 +11,7 @@ use axum::{Json, Router};
 mod domains;
 mod env;
 pub mod exec;
+pub mod openapi;
 mod services;
 mod tokens;
 mod traffic;
@@ -96,7 +97,7 @@ pub fn router(state: AppState) -> Router {
         .merge(exec::router())
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .with_state(state.clone());
-    let v1 = Router::new().route("/health", get(health)).merge(authed);
+    let v1 = Router::new().route("/health", get(health)).route("/openapi.json", get(openapi::serve)).merge(authed);
     Router::new()
         .nest("/api/v1", v1)
         .layer(middleware::map_response(json_errors))

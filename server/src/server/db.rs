@@ -477,7 +477,7 @@ pub async fn delete_deploy(pool: &SqlitePool, id: i64) -> anyhow::Result<()> {
 }
 
 /// A deploy as stored.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
 pub struct Deploy {
     pub id: i64,
     pub service: String,
@@ -602,7 +602,7 @@ pub async fn ensure_token(pool: &SqlitePool, name: &str, hash: &str, scope: &str
 }
 
 /// A token as stored (never the token itself).
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
 pub struct Token {
     pub name: String,
     /// `admin` or `deploy`.

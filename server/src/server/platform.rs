@@ -38,14 +38,16 @@ pub struct Revision {
 }
 
 /// A named volume mounted at `path` in a service's instances.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VolumeMount {
+    #[schemars(regex(pattern = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"))]
     pub volume: String,
+    #[schemars(regex(pattern = r"^/[^:]*[^/:]$"))]
     pub path: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum InstanceState {
     Starting,
@@ -161,7 +163,7 @@ struct Split {
 }
 
 /// A revision's share of the traffic, as set and shown.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 pub struct TrafficView {
     pub revision: i64,
     pub percent: u32,
@@ -325,7 +327,7 @@ pub struct RevisionView {
     pub port: u16,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
 pub struct InstanceView {
     pub id: Option<String>,
     pub revision: i64,

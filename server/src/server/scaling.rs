@@ -49,23 +49,30 @@ pub const MAX_QUEUE: u32 = 100_000;
 pub const MAX_DURATION_MS: u64 = 24 * 3600 * 1000;
 
 /// What the API accepts to change scaling: every field is optional, unknown ones are refused.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "ScalingPatch")]
 pub struct Patch {
+    #[schemars(range(max = 1000))]
     pub min: Option<u32>,
+    #[schemars(range(min = 1, max = 1000))]
     pub max: Option<u32>,
+    #[schemars(range(min = 1, max = 10000))]
     pub concurrency: Option<u32>,
     pub freeze_after: Option<String>,
     pub stop_after: Option<String>,
     pub request_timeout: Option<String>,
+    #[schemars(range(min = 1, max = 100000))]
     pub queue: Option<u32>,
     /// 0: back to the default, 70% of `concurrency`.
+    #[schemars(range(max = 10000))]
     pub target: Option<u32>,
     pub stable_window: Option<String>,
 }
 
 /// What the API shows.
-#[derive(Debug, Serialize, PartialEq, Eq)]
+#[derive(Debug, Serialize, PartialEq, Eq, schemars::JsonSchema)]
+#[schemars(rename = "Scaling")]
 pub struct View {
     pub min: u32,
     pub max: u32,

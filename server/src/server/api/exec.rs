@@ -33,9 +33,9 @@ pub fn router() -> Router<AppState> {
 }
 
 /// The request body.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct ExecRequest {
+pub(super) struct ExecRequest {
     command: Vec<String>,
     /// Variables over the instance's env.
     #[serde(default)]

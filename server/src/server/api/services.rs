@@ -36,8 +36,9 @@ pub fn router() -> Router<AppState> {
 }
 
 /// The service settings a create, update or deploy may carry.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "ServiceSettings")]
 pub(super) struct Settings {
     #[serde(default)]
     pub(super) port: Option<u16>,
@@ -63,9 +64,11 @@ pub(super) struct Settings {
     release_command: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct Create {
+#[schemars(rename = "CreateService")]
+pub(super) struct Create {
+    #[schemars(regex(pattern = r"^(?!.*--)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"))]
     name: String,
     /// Deploy this image right away (optional).
     #[serde(default)]
@@ -74,9 +77,10 @@ struct Create {
     settings: Settings,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct DeployRequest {
+pub(super) struct DeployRequest {
+    #[schemars(length(min = 1))]
     image: String,
     /// How long the new revision's first instance gets to become ready ("2m" by default).
     #[serde(default)]
@@ -85,7 +89,8 @@ struct DeployRequest {
     settings: Settings,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+#[schemars(rename = "Service")]
 pub(super) struct View {
     name: String,
     url: String,
@@ -408,9 +413,9 @@ async fn list(State(state): State<AppState>) -> Result<Json<serde_json::Value>, 
     Ok(Json(serde_json::json!({ "services": services })))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct DeployList {
+pub(super) struct DeployList {
     #[serde(default)]
     limit: Option<i64>,
 }
@@ -487,7 +492,7 @@ async fn remove(State(state): State<AppState>, Path(name): Path<String>) -> Resu
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 pub(super) struct DeployQuery {
     #[serde(default)]
     pub(super) wait: Option<String>,
@@ -634,11 +639,12 @@ pub(super) async fn respond(
     Ok((StatusCode::ACCEPTED, Json(deploy)).into_response())
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct Rollback {
+pub(super) struct Rollback {
     /// Default: the newest revision older than the serving one that once served.
     #[serde(default)]
+    #[schemars(range(min = 1))]
     revision: Option<i64>,
     /// How long its instance gets to become ready ("2m" by default).
     #[serde(default)]
@@ -722,8 +728,8 @@ async fn instances(State(state): State<AppState>, Path(name): Path<String>) -> R
     Ok(Json(serde_json::json!({ "instances": snap.map(|s| s.instances).unwrap_or_default() })))
 }
 
-#[derive(Debug, Default, Deserialize)]
-struct LogQuery {
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+pub(super) struct LogQuery {
     #[serde(default)]
     follow: Option<String>,
     #[serde(default)]

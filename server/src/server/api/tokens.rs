@@ -17,11 +17,14 @@ pub fn router() -> Router<AppState> {
     Router::new().route("/tokens", get(list).post(create)).route("/tokens/{name}", delete(revoke))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct Create {
+#[schemars(rename = "CreateToken")]
+pub(super) struct Create {
+    #[schemars(regex(pattern = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"))]
     name: String,
     /// `admin` or `deploy`.
+    #[schemars(regex(pattern = r"^(admin|deploy)$"))]
     scope: String,
     /// The service a `deploy` token may deploy.
     #[serde(default)]

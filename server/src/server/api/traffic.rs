@@ -44,16 +44,19 @@ async fn read(State(state): State<AppState>, Path(name): Path<String>) -> Result
     Ok(Json(traffic_view(&state, &s)))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct SetTraffic {
+pub(super) struct SetTraffic {
+    #[schemars(length(min = 1))]
     traffic: Vec<Share>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Share {
+    #[schemars(range(min = 1))]
     revision: i64,
+    #[schemars(range(max = 100))]
     percent: u32,
 }
 
@@ -145,9 +148,10 @@ fn check_tag(tag: &str, service: &str) -> Result<(), String> {
     Ok(())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct SetTag {
+pub(super) struct SetTag {
+    #[schemars(range(min = 1))]
     revision: i64,
 }
 
