@@ -481,6 +481,38 @@ fn volumes_keep_data_across_revisions_zero_and_restarts_and_release_commands_gat
     assert!(String::from_utf8_lossy(&out.stderr).contains("exited with code 7"), "{out:?}");
     let out = s.cli(&b, &["tag", "vol", &failed, "broken"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("never became ready"), "{out:?}");
+    // Resources are part of a revision: a change makes a new one, whose instances get them.
+    deploy(&s, &b, "vol", &["--memory", "96m", "--cpus", "0.5"]);
+    let v = s.service("vol");
+    assert_eq!((v["memory"].as_u64(), v["cpus"].as_f64()), (Some(96 << 20), Some(0.5)), "{v:#}");
+    let rev = v["revision"].as_i64().unwrap();
+    let list: Value = serde_json::from_str(&s.cli_ok(&b, &["revisions", "vol", "--json"])).unwrap();
+    let newest = &list["revisions"][0];
+    assert_eq!((newest["number"].as_i64(), newest["memory"].as_u64()), (Some(rev), Some(96 << 20)));
+    let cs: Value = serde_json::from_str(&b.ok(&["container", "ls", "--json"])).unwrap();
+    let mine: Vec<&Value> = cs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| {
+            c["spec"]["labels"]["berth.revision"] == rev.to_string().as_str()
+                && c["spec"]["labels"]["berth.service"] == "vol"
+        })
+        .collect();
+    assert!(!mine.is_empty());
+    assert!(
+        mine.iter().all(|c| c["spec"]["memory"].as_u64() == Some(96 << 20) && c["spec"]["cpus"].as_f64() == Some(0.5)),
+        "{mine:?}"
+    );
+    for (args, want) in [
+        (&["deploy", "vol", "--image", &image, "--memory", "1k"][..], "less than the 4m"),
+        (&["deploy", "vol", "--image", &image, "--memory", "lots"][..], "not a size"),
+        (&["deploy", "vol", "--image", &image, "--cpus", "5000"][..], "cpus: 5000 must be"),
+    ] {
+        let out = s.cli(&b, args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains(want), "{args:?}: {out:?}");
+    }
     // A volume belongs to its service: another one naming it gets its own, empty.
     deploy(&s, &b, "thief", &["--volume", "data:/data"]);
     assert_eq!(s.get("thief", "/file/data/note").status, 404, "no way into vol's volume");

@@ -410,10 +410,16 @@ fn proxy_errors_are_fixed_and_explained() {
     let full: Vec<_> = replies.iter().filter(|r| r.status == 503).collect();
     assert!(!full.is_empty(), "{:?}", replies.iter().map(|r| r.status).collect::<Vec<_>>());
     assert!(full.iter().all(|r| r.header("berth-error") == Some("queue-full") && r.header("retry-after") == Some("1")));
-    // 503 start-failed, with the reason: the revision's image is gone from the store.
+    // 503 start-failed, with the reason: the revision's image is gone from the store. (The
+    // server lists the images of revisions in service in gc-roots, which `image rm` keeps;
+    // without it, the image goes as if lost.)
     s.wait_service("err", Duration::from_secs(10), "zero", |v| states(v).is_empty());
     assert!(Berth::wait_until(Duration::from_secs(10), || containers_of(&b, "err").is_empty()));
+    let roots = b.data_dir().join("gc-roots");
+    assert!(std::fs::read_to_string(&roots).unwrap().contains("sha256:"), "the server pins the image");
     b.ok(&["image", "rm", &python(&b)]);
+    std::fs::remove_file(&roots).unwrap();
+    b.ok(&["image", "gc"]);
     let r = s.get("err", "/");
     assert_eq!((r.status, r.header("berth-error")), (503, Some("start-failed")), "{}", r.text());
     assert!(r.text().contains("not in the store"), "{}", r.text());

@@ -33,3 +33,9 @@ ALTER TABLE revisions ADD COLUMN volumes TEXT NOT NULL DEFAULT '[]';
 -- Run once (`/bin/sh -c`) in a new revision's image before it takes traffic; NULL: none.
 ALTER TABLE services ADD COLUMN release_command TEXT;
 ALTER TABLE revisions ADD COLUMN release_command TEXT;
+
+-- Resources of each instance: a memory limit in bytes and CPUs in thousandths; NULL: none.
+ALTER TABLE services ADD COLUMN memory BIGINT;
+ALTER TABLE services ADD COLUMN cpu_millis BIGINT;
+ALTER TABLE revisions ADD COLUMN memory BIGINT;
+ALTER TABLE revisions ADD COLUMN cpu_millis BIGINT;

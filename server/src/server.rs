@@ -356,6 +356,7 @@ pub fn to_live_revision(
         secrets: keys.open_all(service, &r.secrets)?,
         health_path: r.health_path.clone(),
         volumes: r.volumes.clone(),
+        resources: r.resources,
     })
 }
 

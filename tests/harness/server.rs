@@ -242,8 +242,9 @@ impl Server {
 
     /// A GET through the proxy to `<service>.<domain>`.
     pub fn get(&self, service: &str, path: &str) -> Reply {
-        request(self.http, "GET", &format!("{service}.{}", self.domain), path, &[], b"")
-            .expect("a request through the proxy")
+        request(self.http, "GET", &format!("{service}.{}", self.domain), path, &[], b"").unwrap_or_else(|e| {
+            panic!("GET {path} through the proxy to {service}: {e}\nserver log:\n{}", self.log_text())
+        })
     }
 
     /// The `berth` CLI pointed at this server.

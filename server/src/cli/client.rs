@@ -49,6 +49,12 @@ pub struct DeployArgs {
     /// database migrations; a failure aborts the deploy. "" removes it.
     #[arg(long, value_name = "CMD")]
     pub release_command: Option<String>,
+    /// Each instance's memory limit, like 256m or 1g ("" removes it).
+    #[arg(long, value_name = "SIZE")]
+    pub memory: Option<String>,
+    /// Each instance's CPUs, like 0.5 (0 removes the limit).
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<f64>,
     /// Wait until the new revision serves (or the deploy fails), showing progress.
     #[arg(long)]
     pub wait: bool,
@@ -231,6 +237,12 @@ pub fn deploy(conn: &Conn, data_dir: &Path, a: &DeployArgs) -> Result<i32> {
     }
     if let Some(c) = &a.release_command {
         body["release_command"] = c.clone().into();
+    }
+    if let Some(m) = &a.memory {
+        body["memory"] = m.clone().into();
+    }
+    if let Some(c) = a.cpus {
+        body["cpus"] = c.into();
     }
     let path = format!("/services/{}/deploys", a.name);
     crate::cli::runtime().block_on(async {

@@ -117,6 +117,7 @@ pub struct Service {
     pub health_path: Option<String>,
     pub volumes: Vec<VolumeMount>,
     pub release_command: Option<String>,
+    pub resources: Resources,
     pub scaling: Scaling,
     /// The revision the last deploy or rollback put in service.
     pub revision: Option<i64>,
@@ -128,7 +129,7 @@ pub struct Service {
     pub updated_at: String,
 }
 
-const SERVICE_COLUMNS: &str = "id, name, port, env, secrets, health_path, volumes, release_command, min, max, concurrency, freeze_after_ms, \
+const SERVICE_COLUMNS: &str = "id, name, port, env, secrets, health_path, volumes, release_command, memory, cpu_millis, min, max, concurrency, freeze_after_ms, \
                                stop_after_ms, request_timeout_ms, queue, target, stable_window_ms, revision, traffic, tags, \
                                created_at, updated_at";
 
@@ -159,6 +160,7 @@ fn service_from_row(row: &SqliteRow) -> anyhow::Result<Service> {
         volumes: serde_json::from_str(&row.try_get::<String, _>("volumes")?)
             .with_context(|| format!("service {name}: stored volumes"))?,
         release_command: row.try_get("release_command")?,
+        resources: resources_from(row)?,
         scaling: Scaling {
             min: u32_of("min")?,
             max: u32_of("max")?,
@@ -180,6 +182,22 @@ fn service_from_row(row: &SqliteRow) -> anyhow::Result<Service> {
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
         name,
+    })
+}
+
+/// What each instance may use: memory in bytes, CPUs in thousandths (1500: one and a half).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
+pub struct Resources {
+    pub memory: Option<u64>,
+    pub cpu_millis: Option<u32>,
+}
+
+fn resources_from(row: &SqliteRow) -> anyhow::Result<Resources> {
+    let memory: Option<i64> = row.try_get("memory")?;
+    let cpu: Option<i64> = row.try_get("cpu_millis")?;
+    Ok(Resources {
+        memory: memory.map(u64::try_from).transpose().context("stored memory")?,
+        cpu_millis: cpu.map(u32::try_from).transpose().context("stored cpu_millis")?,
     })
 }
 
@@ -219,9 +237,9 @@ pub async fn insert_service(pool: &SqlitePool, s: &Service) -> Result<i64, Inser
     let env = serde_json::to_string(&s.env).map_err(|e| InsertError::Other(e.into()))?;
     let sc = &s.scaling;
     let q = sqlx::query(
-        "INSERT INTO services (name, port, env, secrets, health_path, volumes, release_command, min, max, concurrency, freeze_after_ms, \
+        "INSERT INTO services (name, port, env, secrets, health_path, volumes, release_command, memory, cpu_millis, min, max, concurrency, freeze_after_ms, \
          stop_after_ms, request_timeout_ms, queue, target, stable_window_ms, revision, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, NULL, $17, $18) RETURNING id",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, NULL, $19, $20) RETURNING id",
     )
     .bind(&s.name)
     .bind(s.port.map(i64::from))
@@ -229,7 +247,9 @@ pub async fn insert_service(pool: &SqlitePool, s: &Service) -> Result<i64, Inser
     .bind(serde_json::to_string(&s.secrets).map_err(|e| InsertError::Other(e.into()))?)
     .bind(&s.health_path)
     .bind(serde_json::to_string(&s.volumes).map_err(|e| InsertError::Other(e.into()))?)
-    .bind(&s.release_command);
+    .bind(&s.release_command)
+    .bind(s.resources.memory.map(|m| m as i64))
+    .bind(s.resources.cpu_millis.map(i64::from));
     let result = bind_scaling(q, sc).bind(&s.created_at).bind(&s.updated_at).fetch_one(pool).await;
     match result {
         Ok(r) => r.try_get::<i64, _>(0).map_err(|e| InsertError::Other(e.into())),
@@ -260,7 +280,7 @@ pub async fn set_service_config(pool: &SqlitePool, s: &Service) -> anyhow::Resul
     let id = s.id;
     sqlx::query(
         "UPDATE services SET port = $1, env = $2, secrets = $3, health_path = $4, volumes = $5, release_command = $6, \
-         updated_at = $7 WHERE id = $8",
+         memory = $7, cpu_millis = $8, updated_at = $9 WHERE id = $10",
     )
     .bind(s.port.map(i64::from))
     .bind(serde_json::to_string(&s.env)?)
@@ -268,6 +288,8 @@ pub async fn set_service_config(pool: &SqlitePool, s: &Service) -> anyhow::Resul
     .bind(&s.health_path)
     .bind(serde_json::to_string(&s.volumes)?)
     .bind(&s.release_command)
+    .bind(s.resources.memory.map(|m| m as i64))
+    .bind(s.resources.cpu_millis.map(i64::from))
     .bind(now())
     .bind(id)
     .execute(pool)
@@ -314,12 +336,14 @@ pub struct Revision {
     pub health_path: Option<String>,
     pub volumes: Vec<VolumeMount>,
     pub release_command: Option<String>,
+    pub resources: Resources,
     pub created_at: String,
     pub served_at: Option<String>,
 }
 
 const REVISION_COLUMNS: &str =
-    "number, image, image_id, port, env, secrets, health_path, volumes, release_command, created_at, served_at";
+    "number, image, image_id, port, env, secrets, health_path, volumes, release_command, memory, cpu_millis, \
+     created_at, served_at";
 
 fn revision_from_row(row: &SqliteRow) -> anyhow::Result<Revision> {
     let env: String = row.try_get("env")?;
@@ -334,6 +358,7 @@ fn revision_from_row(row: &SqliteRow) -> anyhow::Result<Revision> {
         health_path: row.try_get("health_path")?,
         volumes: serde_json::from_str(&row.try_get::<String, _>("volumes")?).context("stored revision volumes")?,
         release_command: row.try_get("release_command")?,
+        resources: resources_from(row)?,
         created_at: row.try_get("created_at")?,
         served_at: row.try_get("served_at")?,
     })
@@ -372,8 +397,9 @@ pub async fn insert_revision(
     let created_at = now();
     let row = sqlx::query(
         "INSERT INTO revisions (service_id, number, image, image_id, port, env, secrets, health_path, volumes, \
-         release_command, created_at) \
-         VALUES ($1, (SELECT COALESCE(MAX(number), 0) + 1 FROM revisions WHERE service_id = $2), $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+         release_command, memory, cpu_millis, created_at) \
+         VALUES ($1, (SELECT COALESCE(MAX(number), 0) + 1 FROM revisions WHERE service_id = $2), $3, $4, $5, $6, $7, \
+         $8, $9, $10, $11, $12, $13) \
          RETURNING number",
     )
     .bind(s.id)
@@ -386,6 +412,8 @@ pub async fn insert_revision(
     .bind(&s.health_path)
     .bind(serde_json::to_string(&s.volumes)?)
     .bind(&s.release_command)
+    .bind(s.resources.memory.map(|m| m as i64))
+    .bind(s.resources.cpu_millis.map(i64::from))
     .bind(&created_at)
     .fetch_one(pool)
     .await
@@ -400,6 +428,7 @@ pub async fn insert_revision(
         health_path: s.health_path.clone(),
         volumes: s.volumes.clone(),
         release_command: s.release_command.clone(),
+        resources: s.resources,
         created_at,
         served_at: None,
     })

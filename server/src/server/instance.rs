@@ -394,6 +394,8 @@ pub fn run_options(data_dir: &Path, service: &str, rev: &Revision) -> Result<Run
         ]
         .into(),
         mounts,
+        memory: rev.resources.memory,
+        cpus: rev.resources.cpu_millis.map(|m| f64::from(m) / 1000.0),
         ..RunOptions::default()
     })
 }

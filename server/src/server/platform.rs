@@ -35,6 +35,7 @@ pub struct Revision {
     pub secrets: super::secrets::Plain,
     pub health_path: Option<String>,
     pub volumes: Vec<VolumeMount>,
+    pub resources: super::db::Resources,
 }
 
 /// A named volume mounted at `path` in a service's instances.
@@ -1198,6 +1199,7 @@ mod tests {
             secrets: Default::default(),
             health_path: None,
             volumes: Vec::new(),
+            resources: Default::default(),
         }
     }
 

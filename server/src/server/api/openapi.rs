@@ -59,6 +59,8 @@ struct RevisionItem {
     health_path: Option<String>,
     volumes: Vec<platform::VolumeMount>,
     release_command: Option<String>,
+    memory: Option<u64>,
+    cpus: Option<f64>,
     created_at: String,
     /// When it first took traffic; null: never.
     served_at: Option<String>,

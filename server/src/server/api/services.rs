@@ -62,6 +62,12 @@ pub(super) struct Settings {
     /// Run once in each new revision before it takes traffic ("": none).
     #[serde(default)]
     release_command: Option<String>,
+    /// Each instance's memory limit, like "256m" or "1g" ("": none).
+    #[serde(default)]
+    memory: Option<String>,
+    /// Each instance's CPUs, like 0.5 (0: no limit).
+    #[serde(default)]
+    cpus: Option<f64>,
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -102,6 +108,10 @@ pub(super) struct View {
     health_path: Option<String>,
     volumes: Vec<platform::VolumeMount>,
     release_command: Option<String>,
+    /// Each instance's memory limit in bytes (null: none).
+    memory: Option<u64>,
+    /// Each instance's CPUs (null: no limit).
+    cpus: Option<f64>,
     scaling: scaling::View,
     /// The revision the last deploy or rollback put in service.
     revision: Option<i64>,
@@ -162,6 +172,8 @@ impl View {
             health_path: s.health_path,
             volumes: s.volumes,
             release_command: s.release_command,
+            memory: s.resources.memory,
+            cpus: s.resources.cpu_millis.map(|m| f64::from(m) / 1000.0),
             revision: s.revision,
             traffic: live.traffic,
             tags: live.tags,
@@ -271,6 +283,25 @@ pub(super) fn apply(keys: &crate::server::secrets::Keyring, service: &mut Servic
             })
             .collect();
     }
+    if let Some(m) = &s.memory {
+        service.resources.memory = if m.is_empty() {
+            None
+        } else {
+            match berth_agent::engine::parse_size(m) {
+                Some(b) if b >= 4 << 20 => Some(b),
+                Some(_) => {
+                    return Err(Error::BadRequest(format!("memory: {m:?} is less than the 4m an instance needs")))
+                }
+                None => return Err(Error::BadRequest(format!("memory: {m:?} is not a size like 256m or 1g"))),
+            }
+        };
+    }
+    if let Some(c) = s.cpus {
+        if !c.is_finite() || !(0.0..=1024.0).contains(&c) || (c > 0.0 && c < 0.01) {
+            return Err(Error::BadRequest(format!("cpus: {c} must be from 0.01 to 1024 (0: no limit)")));
+        }
+        service.resources.cpu_millis = if c == 0.0 { None } else { Some((c * 1000.0).round() as u32) };
+    }
     if let Some(c) = &s.release_command {
         if c.contains('\0') {
             return Err(Error::BadRequest("release_command: contains a NUL byte".into()));
@@ -367,6 +398,7 @@ async fn insert(state: &AppState, name: &str, settings: &Settings) -> Result<Ser
         health_path: None,
         volumes: Vec::new(),
         release_command: None,
+        resources: Default::default(),
         scaling: Scaling::default(),
         revision: None,
         traffic: None,
@@ -700,7 +732,8 @@ async fn revisions(State(state): State<AppState>, Path(name): Path<String>) -> R
             serde_json::json!({
                 "number": r.number, "image": r.image, "image_id": r.image_id, "port": r.port,
                 "env": r.env, "secrets": r.secrets.keys().collect::<Vec<_>>(), "health_path": r.health_path,
-                "volumes": r.volumes, "release_command": r.release_command, "created_at": r.created_at,
+                "volumes": r.volumes, "release_command": r.release_command,
+                "memory": r.resources.memory, "cpus": r.resources.cpu_millis.map(|m| f64::from(m) / 1000.0), "created_at": r.created_at,
                 "served_at": r.served_at,
                 "serving": traffic.iter().any(|t| t.revision == r.number && t.percent > 0),
                 "percent": traffic.iter().find(|t| t.revision == r.number).map_or(0, |t| t.percent),
