@@ -177,7 +177,13 @@ fn three_times_the_target_runs_three_instances_and_calm_returns_to_min() {
     assert_eq!(ready(&v), 3, "{v:#}");
     assert_eq!(most, 3, "never more than 3");
     let per: Vec<u64> = v["instances"].as_array().unwrap().iter().map(|i| i["in_flight"].as_u64().unwrap()).collect();
-    assert!(per.iter().all(|&n| n <= 3), "least-loaded routing spreads the six: {per:?}\n{}", trace.join("\n"));
+    assert!(
+        per.iter().all(|&n| n <= 3),
+        "least-loaded routing spreads the six: {per:?}\n{}\nserver log:\n{}\ninstances' logs:\n{}",
+        trace.join("\n"),
+        s.log_text(),
+        s.cli_ok(&b, &["logs", "auto", "--tail", "80"])
+    );
     assert!(statuses.iter().all(|&c| c == 200), "{:?}", statuses.iter().filter(|&&c| c != 200).collect::<Vec<_>>());
     // Calm: back to min once the stable window has passed.
     s.wait_service("auto", Duration::from_secs(15), "back to min", |v| {
