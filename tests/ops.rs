@@ -579,8 +579,17 @@ fn a_service_reaches_another_at_zero_by_its_internal_name_and_not_directly() {
     assert!(r.text().contains("fetch failed"), "{}", r.text());
     let r = request(s.http, "GET", "callee.internal", "/", &[], b"").unwrap();
     assert_eq!((r.status, r.header("berth-error")), (404, Some("unknown-host")));
-    // Directly, container to container, stays blocked.
-    let addr = s.service("callee")["instances"][0]["address"].as_str().unwrap().to_string();
+    // Directly, container to container, stays blocked: to a callee instance that runs (not
+    // to the address of one already stopped again).
+    s.cli_ok(&b, &["scale", "callee", "--freeze-after", "30s", "--stop-after", "5m"]);
+    assert_eq!(s.get("caller", "/fetch/callee.internal/env/V").text(), "callee here");
+    let v = s.wait_service("callee", Duration::from_secs(10), "a ready callee", |v| {
+        v["instances"].as_array().unwrap().iter().any(|i| i["state"] == "ready")
+    });
+    let addr = v["instances"].as_array().unwrap().iter().find(|i| i["state"] == "ready").unwrap()["address"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let (ip, port) = addr.split_once(':').unwrap();
     let r = s.get("caller", &format!("/connect/{ip}/{port}"));
     assert_eq!(r.status, 502, "direct: {}", r.text());
