@@ -1096,59 +1096,29 @@ fn exec_is_refused_unless_the_container_runs() {
 
 #[test]
 fn exec_with_a_terminal() {
-    use std::io::{Read, Write};
     let w = world();
     let b = Berth::new();
     let image = w.image("anon", "busybox");
     let id = b.ok(&["run", "-d", "-q", &image, "--", "sleep", "300"]).trim().to_string();
     // The client runs on a terminal of our own, 33 rows by 111 columns.
-    let ws = nix::pty::Winsize { ws_row: 33, ws_col: 111, ws_xpixel: 0, ws_ypixel: 0 };
-    let pty = nix::pty::openpty(Some(&ws), None).unwrap();
-    let slave = std::fs::File::from(pty.slave);
-    let mut child = b
-        .cmd()
-        .args([
-            "container",
-            "exec",
-            "-it",
-            &id,
-            "--",
-            "sh",
-            "-c",
-            "[ -t 0 ] && [ -t 1 ] && echo is-a-tty; stty size; tty; read x; echo got:$x; exit 3",
-        ])
-        .stdin(slave.try_clone().unwrap())
-        .stdout(slave.try_clone().unwrap())
-        .stderr(slave)
-        .spawn()
-        .unwrap();
-    let mut master = std::fs::File::from(pty.master);
-    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
-    let mut reader = master.try_clone().unwrap();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = reader.read(&mut buf) {
-            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
-                break;
-            }
-        }
-    });
-    let mut seen = String::new();
-    let wait_for = |want: &str, seen: &mut String| {
-        let end = Instant::now() + Duration::from_secs(20);
-        while !seen.contains(want) {
-            let left = end.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(b) => seen.push_str(&String::from_utf8_lossy(&b)),
-                Err(_) => panic!("no {want:?} from the terminal; saw {seen:?}"),
-            }
-        }
-    };
-    wait_for("/dev/pts/", &mut seen);
+    let mut cmd = b.cmd();
+    cmd.args([
+        "container",
+        "exec",
+        "-it",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "[ -t 0 ] && [ -t 1 ] && echo is-a-tty; stty size; tty; read x; echo got:$x; exit 3",
+    ]);
+    let mut term = berth_tests::terminal::Terminal::spawn(cmd, 33, 111);
+    term.wait_for("/dev/pts/");
     // Typed keys reach the command through the container's terminal (which echoes them).
-    master.write_all(b"keys\r").unwrap();
-    wait_for("got:keys", &mut seen);
-    let st = child.wait().unwrap();
+    term.type_keys(b"keys\r");
+    term.wait_for("got:keys");
+    let st = term.child.wait().unwrap();
+    let seen = term.seen;
     assert_eq!(st.code(), Some(3), "{seen:?}");
     let lines: Vec<&str> = seen.split("\r\n").collect();
     assert_eq!(

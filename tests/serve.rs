@@ -725,52 +725,23 @@ fn berth_exec_runs_commands_in_a_service_instance() {
         assert!(err.contains(want), "{args:?}: {err}");
     }
     // A terminal: the client runs on one of ours, 33 rows by 111 columns.
-    let ws = nix::pty::Winsize { ws_row: 33, ws_col: 111, ws_xpixel: 0, ws_ypixel: 0 };
-    let pty = nix::pty::openpty(Some(&ws), None).unwrap();
-    let slave = std::fs::File::from(pty.slave);
-    let mut child = b
-        .cmd()
-        .env("BERTH_API", format!("http://127.0.0.1:{}", s.api))
-        .env("BERTH_TOKEN", s.token())
-        .args([
-            "exec",
-            "-it",
-            "shell",
-            "--",
-            "sh",
-            "-c",
-            "[ -t 0 ] && echo is-a-tty; stty size; read x; echo got:$x; exit 4",
-        ])
-        .stdin(slave.try_clone().unwrap())
-        .stdout(slave.try_clone().unwrap())
-        .stderr(slave)
-        .spawn()
-        .unwrap();
-    let mut master = std::fs::File::from(pty.master);
-    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
-    let mut reader = master.try_clone().unwrap();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = reader.read(&mut buf) {
-            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
-                break;
-            }
-        }
-    });
-    let mut seen = String::new();
-    let wait_for = |want: &str, seen: &mut String| {
-        let end = Instant::now() + Duration::from_secs(20);
-        while !seen.contains(want) {
-            match rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
-                Ok(b) => seen.push_str(&String::from_utf8_lossy(&b)),
-                Err(_) => panic!("no {want:?} from the terminal; saw {seen:?}"),
-            }
-        }
-    };
-    wait_for("33 111\r\n", &mut seen);
-    master.write_all(b"typed\r").unwrap();
-    wait_for("got:typed", &mut seen);
-    assert_eq!(child.wait().unwrap().code(), Some(4), "{seen:?}");
+    let mut cmd = b.cmd();
+    cmd.env("BERTH_API", format!("http://127.0.0.1:{}", s.api)).env("BERTH_TOKEN", s.token()).args([
+        "exec",
+        "-it",
+        "shell",
+        "--",
+        "sh",
+        "-c",
+        "[ -t 0 ] && echo is-a-tty; stty size; read x; echo got:$x; exit 4",
+    ]);
+    let mut term = berth_tests::terminal::Terminal::spawn(cmd, 33, 111);
+    term.wait_for("33 111\r\n");
+    term.type_keys(b"typed\r");
+    term.wait_for("got:typed");
+    let code = term.child.wait().unwrap().code();
+    let seen = term.seen;
+    assert_eq!(code, Some(4), "{seen:?}");
     assert!(seen.starts_with("is-a-tty\r\n33 111\r\n"), "{seen:?}");
 }
 

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 
 pub mod server;
+pub mod terminal;
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Registry {

@@ -206,18 +206,7 @@ pub fn run(engine: &Engine, cmd: Command) -> Result<i32> {
 /// `berth container exec`: the command's exit code; 125 when it could not be run (no such
 /// container, not running, frozen, bad option), 126 not executable, 127 not found.
 fn exec(engine: &Engine, a: ExecArgs) -> i32 {
-    // As `berth run --env NAME`: a bare name passes this process's value.
-    let env = a
-        .env
-        .iter()
-        .filter_map(|kv| {
-            if kv.contains('=') {
-                Some(kv.clone())
-            } else {
-                std::env::var(kv).ok().map(|v| format!("{kv}={v}"))
-            }
-        })
-        .collect();
+    let env = super::run::env_pairs(&a.env);
     let opts = ExecOptions {
         args: a.command,
         env,

@@ -100,18 +100,7 @@ fn run_inner(engine: &Engine, a: Args) -> Result<i32> {
         let Some((k, v)) = l.split_once('=') else { bail!("--label {l:?}: expected KEY=VALUE") };
         labels.insert(k.to_string(), v.to_string());
     }
-    // As Docker: `--env NAME` passes this process's value of NAME (nothing if it is unset).
-    let env: Vec<String> = a
-        .env
-        .iter()
-        .filter_map(|kv| {
-            if kv.contains('=') {
-                Some(kv.clone())
-            } else {
-                std::env::var(kv).ok().map(|v| format!("{kv}={v}"))
-            }
-        })
-        .collect();
+    let env = env_pairs(&a.env);
     let mounts = a.volume.iter().map(|v| parse_volume(v)).collect::<Result<Vec<_>>>()?;
     if let Some(c) = a.cpus {
         let max = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
@@ -220,6 +209,20 @@ fn parse_volume(v: &str) -> Result<Mount> {
         bail!("--volume {v:?}: {host:?} is not a path; named volumes are not supported, give a host directory (absolute, or starting with ./)");
     }
     Ok(Mount { source: host.into(), destination: container.to_string(), read_only })
+}
+
+/// `--env` values as `K=V`: as Docker, a bare `NAME` passes this process's value of NAME
+/// (nothing if it is unset). Shared by `berth run` and `berth container exec`.
+pub(super) fn env_pairs(args: &[String]) -> Vec<String> {
+    args.iter()
+        .filter_map(|kv| {
+            if kv.contains('=') {
+                Some(kv.clone())
+            } else {
+                std::env::var(kv).ok().map(|v| format!("{kv}={v}"))
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -203,15 +203,22 @@ async fn stored_revision(state: &AppState, service: &db::Service, n: i64) -> Res
         .await
         .map_err(|e| format!("{e:#}"))?
         .ok_or_else(|| format!("service {} has no revision {n}", service.name))?;
+    match image_gone(state, &rev).await {
+        Some(why) => Err(why),
+        None => Ok(rev),
+    }
+}
+
+/// Why revision `rev` cannot start, if its image is no longer in the store.
+pub async fn image_gone(state: &AppState, rev: &db::Revision) -> Option<String> {
     let (engine, image_id) = (state.engine.clone(), rev.image_id.clone());
     let present = tokio::task::spawn_blocking(move || engine.images().get(&image_id).is_ok()).await.unwrap_or(false);
-    if !present {
-        return Err(format!(
-            "revision {n}'s image {} ({}) is no longer in the image store; deploy it again",
-            rev.image, rev.image_id
-        ));
-    }
-    Ok(rev)
+    (!present).then(|| {
+        format!(
+            "revision {}'s image {} ({}) is no longer in the image store; deploy it again",
+            rev.number, rev.image, rev.image_id
+        )
+    })
 }
 
 /// Pulls `reference` and records the revision a deploy of it makes.

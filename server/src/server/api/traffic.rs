@@ -65,15 +65,10 @@ async fn usable(state: &AppState, s: &Service, n: i64) -> Result<db::Revision, E
     let rev = db::get_revision(&state.db, s.id, n)
         .await?
         .ok_or_else(|| Error::NotFound(format!("service {:?} has no revision {n}", s.name)))?;
-    let (engine, id) = (state.engine.clone(), rev.image_id.clone());
-    let present = tokio::task::spawn_blocking(move || engine.images().get(&id).is_ok()).await.unwrap_or(false);
-    if !present {
-        return Err(Error::Conflict(format!(
-            "revision {n}'s image {} ({}) is no longer in the image store; deploy it again",
-            rev.image, rev.image_id
-        )));
+    match crate::server::deploy::image_gone(state, &rev).await {
+        Some(why) => Err(Error::Conflict(why)),
+        None => Ok(rev),
     }
-    Ok(rev)
 }
 
 /// A service with a deploy running is left alone: the deploy would move the traffic anyway.
