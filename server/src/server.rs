@@ -317,18 +317,20 @@ const KEEP_REVISIONS: usize = 10;
 /// logged: a stale list only keeps too much or too little until the next write.
 pub async fn write_gc_roots(state: &api::AppState) {
     let result: anyhow::Result<()> = async {
-        let mut ids = std::collections::BTreeSet::new();
+        let mut in_service = std::collections::HashSet::new();
         for s in db::list_services(&state.db).await? {
-            let in_service: std::collections::HashSet<i64> = api::stored_traffic(&s)
-                .iter()
-                .map(|t| t.revision)
-                .chain(s.tags.values().copied())
-                .chain(s.revision)
-                .collect();
-            for (i, r) in db::list_revisions(&state.db, s.id).await?.into_iter().enumerate() {
-                if i < KEEP_REVISIONS || in_service.contains(&r.number) {
-                    ids.insert(r.image_id);
-                }
+            let traffic = api::stored_traffic(&s);
+            let numbers = traffic.iter().map(|t| t.revision).chain(s.tags.values().copied()).chain(s.revision);
+            in_service.extend(numbers.map(|n| (s.id, n)));
+        }
+        // Newest first per service: the first KEEP_REVISIONS of each are kept too.
+        let mut ids = std::collections::BTreeSet::new();
+        let mut seen: std::collections::HashMap<i64, usize> = std::collections::HashMap::new();
+        for (service, number, image_id) in db::revision_images(&state.db).await? {
+            let rank = seen.entry(service).or_default();
+            *rank += 1;
+            if *rank <= KEEP_REVISIONS || in_service.contains(&(service, number)) {
+                ids.insert(image_id);
             }
         }
         let text: String = ids.into_iter().map(|id| id + "\n").collect();

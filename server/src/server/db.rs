@@ -375,6 +375,15 @@ pub async fn list_revisions(pool: &SqlitePool, service_id: i64) -> anyhow::Resul
     rows.iter().map(revision_from_row).collect()
 }
 
+/// Every revision's (service id, number, image id), newest first within each service.
+pub async fn revision_images(pool: &SqlitePool) -> anyhow::Result<Vec<(i64, i64, String)>> {
+    let rows = sqlx::query("SELECT service_id, number, image_id FROM revisions ORDER BY service_id, number DESC")
+        .fetch_all(pool)
+        .await
+        .context("listing revision images")?;
+    rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?))).collect()
+}
+
 pub async fn get_revision(pool: &SqlitePool, service_id: i64, number: i64) -> anyhow::Result<Option<Revision>> {
     let row = sqlx::query(&format!("SELECT {REVISION_COLUMNS} FROM revisions WHERE service_id = $1 AND number = $2"))
         .bind(service_id)

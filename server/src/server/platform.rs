@@ -609,6 +609,11 @@ impl Service {
         if g.deleted {
             return;
         }
+        // At zero with nothing held and nothing to keep running: nothing to decide (most of a
+        // thousand idle services, every tick).
+        if g.instances.is_empty() && g.queues.is_empty() && g.scalers.is_empty() && g.scaling.min == 0 {
+            return;
+        }
         let sc = g.scaling;
         let drained = g
             .switched_at
