@@ -568,6 +568,16 @@ impl Engine {
 
     /// Removes a stopped container (with `force`, stops it first with SIGKILL).
     pub fn remove(&self, key: &str, force: bool) -> Result<Container, Error> {
+        self.remove_keeping(key, force, None)
+    }
+
+    /// Removes an exited container but first moves its writable layer (the overlay upper
+    /// directory: exactly what its process changed) to `dest`. Builds commit RUN steps so.
+    pub fn remove_taking_upper(&self, key: &str, dest: &Path) -> Result<Container, Error> {
+        self.remove_keeping(key, false, Some(dest))
+    }
+
+    fn remove_keeping(&self, key: &str, force: bool, upper: Option<&Path>) -> Result<Container, Error> {
         let c = self.get(key)?;
         if c.is_running() {
             if !force {
@@ -585,6 +595,10 @@ impl Engine {
         let rootfs = self.paths(&c.id).rootfs();
         if crate::shim::is_mountpoint(&rootfs) {
             let _ = nix::mount::umount2(&rootfs, nix::mount::MntFlags::MNT_DETACH);
+        }
+        if let Some(dest) = upper {
+            let from = self.paths(&c.id).upper();
+            fs::rename(&from, dest).map_err(io_err(format!("moving {} to {}", from.display(), dest.display())))?;
         }
         shim_remove_dir(&self.paths(&c.id).dir);
         self.release_name(&c.spec.name, &c.id);

@@ -31,7 +31,8 @@ use crate::registry::{self, manifest, Descriptor, Platform};
 use crate::store;
 
 pub use config::ImageConfig;
-use records::{LayerRecord, Record};
+pub use records::LayerRecord;
+use records::Record;
 
 /// Layers downloaded at once by one pull.
 const PULL_CONCURRENCY: usize = 4;
@@ -166,6 +167,10 @@ struct Plan {
     record: Record,
     references: Vec<String>,
 }
+
+/// Keeps garbage collection off while it lives ([`Store::hold_gc`]).
+#[derive(Debug)]
+pub struct GcHold(#[allow(dead_code)] records::Lock);
 
 /// The image store. Clones share the registry client (and its token cache).
 #[derive(Debug, Clone)]
@@ -673,6 +678,123 @@ impl Store {
                 remove_tree(&path);
             }
         }
+    }
+
+    // --- what builds need ----------------------------------------------------------------------
+
+    /// Holds garbage collection off (shared lock) until the guard drops: a build's layers are
+    /// in the store but recorded by no image until it finishes.
+    pub fn hold_gc(&self) -> Result<GcHold> {
+        records::lock(&self.files.gc_lock, false).map(GcHold).map_err(io_err("locking", &self.files.gc_lock))
+    }
+
+    /// The raw config JSON of an image (the whole file: `config`, `history`, `rootfs`...).
+    pub fn config_json(&self, image: &Image) -> Result<serde_json::Value> {
+        let bytes = self.blobs.read(&image.id).map_err(store_err(format!("reading the config of {}", image.id)))?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| Error::Invalid { image: image.id.to_string(), detail: format!("malformed config: {e}") })
+    }
+
+    /// An image's layers, bottom first, as its manifest lists them.
+    pub fn layer_records(&self, image: &Image) -> Result<Vec<LayerRecord>> {
+        let idx = self.read_index()?;
+        idx.images
+            .get(&image.manifest_digest)
+            .map(|r| r.layers.clone())
+            .ok_or_else(|| Error::NotFound(image.manifest_digest.to_string()))
+    }
+
+    /// The unpacked directories of `layers` (bottom first, as overlay lower dirs).
+    pub fn layer_paths(&self, layers: &[LayerRecord]) -> Vec<PathBuf> {
+        overlay_layers(layers).into_iter().map(|d| self.layer_dir(d).join("diff")).collect()
+    }
+
+    /// Whether a layer (from a build cache entry) is still stored and unpacked.
+    pub fn has_layer(&self, l: &LayerRecord) -> bool {
+        self.blobs.has(&l.digest) && matches!(self.existing_layer("", l), Ok(Some(_)))
+    }
+
+    /// Stores a new layer: `write` produces its uncompressed tar, which is gzipped into the
+    /// blob store (its diff_id hashed on the way) and unpacked. The caller holds [`hold_gc`].
+    pub fn add_layer(&self, write: impl FnOnce(&mut dyn io::Write) -> io::Result<()>) -> Result<LayerRecord> {
+        struct Hashing<W> {
+            inner: W,
+            hasher: sha2::Sha256,
+        }
+        impl<W: io::Write> io::Write for Hashing<W> {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                let n = self.inner.write(buf)?;
+                sha2::Digest::update(&mut self.hasher, &buf[..n]);
+                Ok(n)
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                self.inner.flush()
+            }
+        }
+        let ingest = self.blobs.ingest_unverified().map_err(store_err("storing a layer"))?;
+        let gz = flate2::write::GzEncoder::new(io::BufWriter::with_capacity(256 << 10, ingest), flate2::Compression::fast());
+        let mut w = Hashing { inner: gz, hasher: <sha2::Sha256 as sha2::Digest>::new() };
+        let tmp_path = self.blobs.root().join("tmp");
+        write(&mut w).map_err(io_err("writing a layer", &tmp_path))?;
+        let diff_id = Digest::from_hasher(w.hasher);
+        let ingest = w
+            .inner
+            .finish()
+            .and_then(|b| b.into_inner().map_err(|e| e.into_error()))
+            .map_err(io_err("writing a layer", &tmp_path))?;
+        let size = ingest.written();
+        let digest = ingest.commit().map_err(store_err("storing a layer"))?;
+        let l = LayerRecord { digest, media_type: manifest::OCI_LAYER_GZIP.to_string(), size, diff_id };
+        self.unpack_layer("a build", &l)?;
+        Ok(l)
+    }
+
+    /// Records a built image: its config blob (the JSON as given, `rootfs.diff_ids` included)
+    /// and an OCI manifest of `layers`, tagged with `references` (normalised).
+    pub fn add_image(&self, config: &[u8], layers: &[LayerRecord], references: Vec<String>) -> Result<Image> {
+        let config_digest = self.blobs.put_bytes(config).map_err(store_err("storing an image config"))?;
+        let m = registry::Manifest {
+            schema_version: 2,
+            media_type: Some(manifest::OCI_MANIFEST.to_string()),
+            config: Descriptor {
+                media_type: manifest::OCI_CONFIG.to_string(),
+                digest: config_digest.clone(),
+                size: config.len() as u64,
+                platform: None,
+                annotations: BTreeMap::new(),
+                urls: Vec::new(),
+            },
+            layers: layers
+                .iter()
+                .map(|l| Descriptor {
+                    media_type: l.media_type.clone(),
+                    digest: l.digest.clone(),
+                    size: l.size,
+                    platform: None,
+                    annotations: BTreeMap::new(),
+                    urls: Vec::new(),
+                })
+                .collect(),
+            annotations: BTreeMap::new(),
+        };
+        let bytes = serde_json::to_vec(&m).expect("a manifest serialises");
+        let manifest_digest = self.blobs.put_bytes(&bytes).map_err(store_err("storing a manifest"))?;
+        let cfg = config::parse_file(config)
+            .map_err(|detail| Error::Invalid { image: "the built image".into(), detail })?;
+        let size = distinct_layers(layers)
+            .iter()
+            .map(|l| self.existing_layer("", l).ok().flatten().map(|m| m.size).unwrap_or(0))
+            .sum();
+        let record = Record {
+            manifest_digest,
+            media_type: manifest::OCI_MANIFEST.to_string(),
+            config_digest,
+            layers: layers.to_vec(),
+            created: cfg.created,
+            added: Some(now_rfc3339()),
+            size,
+        };
+        Ok(self.record(vec![Plan { record, references }])?.remove(0))
     }
 
     /// Loads a tarball (optionally gzip- or zstd-compressed) holding an OCI image layout or a

@@ -7,6 +7,7 @@
 pub mod config;
 pub mod container;
 pub mod digest;
+pub mod build;
 pub mod engine;
 pub mod image;
 pub mod layer;

@@ -454,8 +454,18 @@ fn mount_overlay(data_dir: &Path, spec: &container::Spec, p: &Paths) -> Result<(
             opts.len()
         );
     }
-    nix::mount::mount(Some("overlay"), &p.rootfs(), Some("overlay"), nix::mount::MsFlags::empty(), Some(opts.as_str()))
-        .with_context(|| format!("mounting the overlay root filesystem at {}", p.rootfs().display()))
+    // No redirects and no metadata-only copy-ups, whatever the kernel's defaults: the upper
+    // directory must be a plain diff (builds turn it into a layer). Kernels that do not know
+    // the options get the mount without them.
+    let strict = format!("{opts},redirect_dir=off,metacopy=off");
+    let mount = |o: &str| {
+        nix::mount::mount(Some("overlay"), &p.rootfs(), Some("overlay"), nix::mount::MsFlags::empty(), Some(o))
+    };
+    match mount(&strict) {
+        Err(nix::errno::Errno::EINVAL) => mount(&opts),
+        r => r,
+    }
+    .with_context(|| format!("mounting the overlay root filesystem at {}", p.rootfs().display()))
 }
 
 /// The useful part of libcontainer's nested error ("failed to create container: exec process

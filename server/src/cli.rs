@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 mod client;
 mod container;
 mod exec;
+mod git;
 mod image;
 mod ops;
 mod run;
@@ -123,6 +124,23 @@ pub enum Command {
         #[command(flatten)]
         conn: client::Conn,
     },
+    /// SSH keys allowed to git push: `berth keys add NAME FILE|-`, `ls`, `rm NAME`.
+    Keys {
+        #[command(subcommand)]
+        cmd: git::KeysCommand,
+        #[command(flatten)]
+        conn: client::Conn,
+    },
+    /// A service's git remotes and deploy branch: `berth git NAME [--deploy-branch BRANCH]`.
+    Git {
+        #[command(flatten)]
+        args: git::GitArgs,
+        #[command(flatten)]
+        conn: client::Conn,
+    },
+    /// Internal: the hook of Berth's git repositories (run by git during a push).
+    #[command(hide = true, name = "git-hook")]
+    GitHook { hook: String },
     /// Run a command in one of a service's instances; exits with the command's exit code.
     Exec {
         #[command(flatten)]
@@ -230,6 +248,9 @@ pub fn main() -> i32 {
         Command::Tokens { cmd, conn } => Some(ops::tokens(conn, &cli.data_dir, cmd)),
         Command::Domains { name, cmd, conn } => Some(ops::domains(conn, &cli.data_dir, name, cmd)),
         Command::Exec { args, conn } => Some(exec::exec(conn, &cli.data_dir, args)),
+        Command::Keys { cmd, conn } => Some(git::keys(conn, &cli.data_dir, cmd)),
+        Command::Git { args, conn } => Some(git::git(conn, &cli.data_dir, args)),
+        Command::GitHook { hook } => Some(git::hook(hook)),
         _ => None,
     };
     if let Some(r) = client_result {
@@ -276,6 +297,9 @@ pub fn main() -> i32 {
         | Command::Env { .. }
         | Command::Tokens { .. }
         | Command::Domains { .. }
+        | Command::Keys { .. }
+        | Command::Git { .. }
+        | Command::GitHook { .. }
         | Command::Exec { .. } => unreachable!("handled above"),
     };
     match result {

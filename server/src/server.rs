@@ -13,6 +13,7 @@ pub mod api;
 pub mod autoscale;
 pub mod db;
 pub mod deploy;
+pub mod git;
 pub mod instance;
 pub mod internal;
 pub mod logs;
@@ -111,6 +112,10 @@ async fn serve(data_dir: &Path, mut cfg: berth_agent::Config, settings: Settings
     let http_listener = tokio::net::TcpListener::bind(settings.http_addr)
         .await
         .with_context(|| format!("--http-addr {}: binding", settings.http_addr))?;
+    let ssh_listener = match settings.ssh_addr {
+        Some(a) => Some(tokio::net::TcpListener::bind(a).await.with_context(|| format!("--ssh-addr {a}: binding"))?),
+        None => None,
+    };
     let http_port = http_listener.local_addr().map(|a| a.port()).unwrap_or(settings.http_addr.port());
     let api_port = api_listener.local_addr().map(|a| a.port()).unwrap_or(settings.api_addr.port());
     std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
@@ -178,6 +183,16 @@ async fn serve(data_dir: &Path, mut cfg: berth_agent::Config, settings: Settings
     tokio::spawn(ticker(platform.clone()));
     let firewall = Firewall::install(&bridge, api_port);
 
+    git::configure(git::Config {
+        exe: std::env::current_exe().context("finding the berth binary for the git hooks")?,
+        api_url: git::loopback_url(api_listener.local_addr().unwrap_or(settings.api_addr)),
+        data_dir: data_dir.to_path_buf(),
+        ssh_port: ssh_listener.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.port()),
+    });
+    let ssh_key = match &ssh_listener {
+        Some(_) => Some(git::ssh::load_or_create_host_key(data_dir)?),
+        None => None,
+    };
     let app = api::router(state.clone());
     let proxy = Arc::new(proxy::Proxy::new(
         platform.clone(),
@@ -196,6 +211,7 @@ async fn serve(data_dir: &Path, mut cfg: berth_agent::Config, settings: Settings
         adopted,
         token_file = %data_dir.join(token::FILE).display(),
         database = %location.describe(),
+        ssh = %ssh_listener.as_ref().and_then(|l| l.local_addr().ok()).map_or("off".into(), |a| a.to_string()),
         "berth server listening"
     );
     // Where the CLI finds this server when BERTH_API is not set.
@@ -210,6 +226,9 @@ async fn serve(data_dir: &Path, mut cfg: berth_agent::Config, settings: Settings
     }
     if let Some(l) = internal_http {
         tokio::spawn(proxy.clone().serve(l, stopped(stop_rx.clone())));
+    }
+    if let (Some(l), Some(key)) = (ssh_listener, ssh_key) {
+        tokio::spawn(git::ssh::serve(l, key, db.clone(), data_dir.to_path_buf(), stopped(stop_rx.clone())));
     }
     let proxy_task = tokio::spawn(proxy.serve(http_listener, stopped(stop_rx.clone())));
     let api_task =

@@ -120,6 +120,8 @@ pub struct Server {
     pub child: Child,
     pub api: u16,
     pub http: u16,
+    /// The SSH server's port (git push), unless `--ssh-addr` turned it off.
+    pub ssh: u16,
     pub domain: String,
     pub data_dir: PathBuf,
     /// The server's stderr (its log), appended across restarts.
@@ -148,12 +150,15 @@ impl Server {
     pub fn start(berth: &Berth, extra: &[&str]) -> Server {
         let api = free_port();
         let http = free_port();
+        let ssh = free_port();
         let log = berth.data_dir().join("server.log");
         let mut args: Vec<String> = Vec::new();
         // Defaults, unless `extra` sets the option itself.
         for (opt, val) in [
             ("--api-addr", format!("127.0.0.1:{api}")),
             ("--http-addr", format!("127.0.0.1:{http}")),
+            // Every server its own SSH port: the default 0.0.0.0:2222 would be shared.
+            ("--ssh-addr", format!("127.0.0.1:{ssh}")),
             ("--domain", "test.local".into()),
         ] {
             if !extra.contains(&opt) {
@@ -175,10 +180,12 @@ impl Server {
         };
         let api = last_port(&args, "--api-addr").unwrap_or(api);
         let http = last_port(&args, "--http-addr").unwrap_or(http);
+        let ssh = last_port(&args, "--ssh-addr").unwrap_or(ssh);
         let mut s = Server {
             child: spawn(berth, &args, &log),
             api,
             http,
+            ssh,
             domain: "test.local".into(),
             data_dir: berth.data_dir().to_path_buf(),
             log,

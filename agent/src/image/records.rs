@@ -51,7 +51,7 @@ pub(crate) struct Record {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct LayerRecord {
+pub struct LayerRecord {
     /// The blob digest (compressed, as in the manifest).
     pub digest: Digest,
     pub media_type: String,

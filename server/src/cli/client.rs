@@ -31,8 +31,23 @@ pub struct DeployArgs {
     /// The service (created if it does not exist); it answers at <name>.<domain>.
     pub name: String,
     /// The image reference to deploy.
-    #[arg(long, value_name = "REF")]
-    pub image: String,
+    #[arg(long, value_name = "REF", required_unless_present = "source", conflicts_with = "source")]
+    pub image: Option<String>,
+    /// Build this directory (its Dockerfile, its berth.toml) on the server and deploy the image.
+    #[arg(long, value_name = "DIR")]
+    pub source: Option<std::path::PathBuf>,
+    /// With --source: a build argument (repeatable), over berth.toml's.
+    #[arg(long = "build-arg", value_name = "KEY=VALUE", requires = "source")]
+    pub build_args: Vec<String>,
+    /// With --source: the stage to build.
+    #[arg(long, requires = "source")]
+    pub target: Option<String>,
+    /// With --source: the Dockerfile, relative to DIR.
+    #[arg(short = 'f', long = "file", value_name = "PATH", requires = "source")]
+    pub file: Option<String>,
+    /// With --source: build every step again.
+    #[arg(long, requires = "source")]
+    pub no_cache: bool,
     /// Set an environment variable (repeatable); `--env NAME` passes this shell's value.
     #[arg(short, long = "env", value_name = "K=V")]
     pub env: Vec<String>,
@@ -215,7 +230,10 @@ pub(super) fn env_map(pairs: &[String]) -> Result<serde_json::Map<String, Value>
 pub fn deploy(conn: &Conn, data_dir: &Path, a: &DeployArgs) -> Result<i32> {
     service_name(&a.name)?;
     let c = Client::new(conn, data_dir)?;
-    let mut body = serde_json::json!({ "image": a.image, "env": env_map(&a.env)? });
+    let mut body = serde_json::json!({ "env": env_map(&a.env)? });
+    if let Some(i) = &a.image {
+        body["image"] = i.clone().into();
+    }
     if let Some(p) = a.port {
         body["port"] = p.into();
     }
@@ -244,6 +262,9 @@ pub fn deploy(conn: &Conn, data_dir: &Path, a: &DeployArgs) -> Result<i32> {
     if let Some(c) = a.cpus {
         body["cpus"] = c.into();
     }
+    if let Some(dir) = &a.source {
+        return deploy_source(&c, conn, a, dir, body);
+    }
     let path = format!("/services/{}/deploys", a.name);
     crate::cli::runtime().block_on(async {
         if !a.wait {
@@ -251,11 +272,156 @@ pub fn deploy(conn: &Conn, data_dir: &Path, a: &DeployArgs) -> Result<i32> {
             if conn.json {
                 println!("{d}");
             } else {
-                println!("deploy {} of {} started ({})", d["id"], a.name, a.image);
+                println!("deploy {} of {} started ({})", d["id"], a.name, a.image.as_deref().unwrap_or_default());
             }
             return Ok(0);
         }
         follow_deploy(&c, conn, &a.name, &path, &body).await
+    })
+}
+
+/// `berth deploy NAME --source DIR`: sends DIR (without .git) as a gzipped tar to the builds
+/// API; with --wait streams the build and deploy and exits 0 only if both succeeded.
+fn deploy_source(c: &Client, conn: &Conn, a: &DeployArgs, dir: &Path, mut settings: Value) -> Result<i32> {
+    if !dir.is_dir() {
+        bail!("--source {}: not a directory", dir.display());
+    }
+    if settings["env"].as_object().is_some_and(|m| m.is_empty()) {
+        settings.as_object_mut().map(|o| o.remove("env"));
+    }
+    settings.as_object_mut().map(|o| o.remove("timeout"));
+    let tmp = tempfile::NamedTempFile::new().context("creating a temporary file for the build context")?;
+    {
+        let gz = flate2::write::GzEncoder::new(std::io::BufWriter::new(tmp.as_file()), flate2::Compression::fast());
+        crate::cli::git::tar_tree(dir, gz)?;
+    }
+    let bytes = std::fs::read(tmp.path()).context("reading the build context")?;
+    let mut query: Vec<(&str, String)> = vec![("source", "upload".into())];
+    if settings.as_object().is_some_and(|o| !o.is_empty()) {
+        query.push(("settings", settings.to_string()));
+    }
+    if !a.build_args.is_empty() {
+        let args = super::build::parse_build_args(&a.build_args)?;
+        query.push(("build_args", args.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("\n")));
+    }
+    if let Some(t) = &a.target {
+        query.push(("target", t.clone()));
+    }
+    if let Some(f) = &a.file {
+        query.push(("dockerfile", f.clone()));
+    }
+    if a.no_cache {
+        query.push(("no_cache", "true".into()));
+    }
+    if let Some(t) = &a.timeout {
+        query.push(("timeout", t.clone()));
+    }
+    let path = format!("/services/{}/builds", a.name);
+    crate::cli::runtime().block_on(async {
+        let resp = c
+            .send(
+                c.req(reqwest::Method::POST, &path)
+                    .query(&query)
+                    .header("content-type", "application/x-tar")
+                    .header("content-encoding", "identity")
+                    .body(bytes),
+            )
+            .await?;
+        let mut stream = resp.bytes_stream();
+        let mut buf = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            buf.extend_from_slice(&chunk.context("reading the build's output")?);
+            while let Some(nl) = buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = buf.drain(..=nl).collect();
+                let ev: Value = serde_json::from_slice(&line).context("a build event is not JSON")?;
+                match ev["type"].as_str() {
+                    Some("log") => {
+                        let l = ev["line"].as_str().unwrap_or_default();
+                        if !a.wait {
+                            if let Some(rest) = l.strip_prefix(&format!("building {} (build ", a.name)) {
+                                println!("build {} of {} started", rest.trim_end_matches(')'), a.name);
+                                return Ok(0);
+                            }
+                        }
+                        if !conn.json {
+                            eprintln!("{l}");
+                        }
+                    }
+                    Some("result") => {
+                        if conn.json {
+                            println!("{ev}");
+                        } else if ev["ok"] == true {
+                            println!("{} revision {} is serving at {}", a.name, ev["revision"], ev["url"].as_str().unwrap_or_default());
+                        } else {
+                            eprintln!("berth: {}", ev["error"].as_str().unwrap_or("the build failed"));
+                        }
+                        return Ok(if ev["ok"] == true { 0 } else { 1 });
+                    }
+                    _ => {}
+                }
+            }
+        }
+        bail!("the server ended the build's stream without a result")
+    })
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BuildsArgs {
+    pub name: String,
+    /// One build: its record, or with --log its output.
+    pub id: Option<i64>,
+    /// Print the build's output.
+    #[arg(long, requires = "id")]
+    pub log: bool,
+}
+
+/// `berth builds NAME [ID [--log]]`.
+pub fn builds(conn: &Conn, data_dir: &Path, a: &BuildsArgs) -> Result<i32> {
+    service_name(&a.name)?;
+    let c = Client::new(conn, data_dir)?;
+    crate::cli::runtime().block_on(async {
+        match (a.id, a.log) {
+            (Some(id), true) => {
+                let resp = c.send(c.req(reqwest::Method::GET, &format!("/services/{}/builds/{id}/log", a.name))).await?;
+                let text = resp.text().await.context("reading the build log")?;
+                print!("{text}");
+            }
+            (Some(id), false) => {
+                let b = c.json(c.req(reqwest::Method::GET, &format!("/services/{}/builds/{id}", a.name))).await?;
+                if conn.json {
+                    println!("{b}");
+                } else {
+                    for k in ["id", "status", "source", "commit", "branch", "image", "deploy", "error", "by", "created_at", "finished_at"] {
+                        let v = &b[k];
+                        if !v.is_null() {
+                            println!("{k:<12} {}", v.as_str().map(String::from).unwrap_or_else(|| v.to_string()));
+                        }
+                    }
+                }
+            }
+            (None, _) => {
+                let list = c.json(c.req(reqwest::Method::GET, &format!("/services/{}/builds", a.name))).await?;
+                if conn.json {
+                    println!("{list}");
+                    return Ok(0);
+                }
+                println!("{:<6} {:<10} {:<7} {:<12} {:<8} CREATED", "ID", "STATUS", "SOURCE", "COMMIT", "DEPLOY");
+                for b in list.as_array().into_iter().flatten() {
+                    let commit = b["commit"].as_str().map(|c| c.chars().take(12).collect::<String>()).unwrap_or("-".into());
+                    let deploy = b["deploy"].as_i64().map(|d| d.to_string()).unwrap_or("-".into());
+                    println!(
+                        "{:<6} {:<10} {:<7} {:<12} {:<8} {}",
+                        b["id"],
+                        b["status"].as_str().unwrap_or(""),
+                        b["source"].as_str().unwrap_or(""),
+                        commit,
+                        deploy,
+                        b["created_at"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
+        Ok(0)
     })
 }
 

@@ -11,6 +11,7 @@ use axum::{Json, Router};
 mod domains;
 mod env;
 pub mod exec;
+mod keys;
 pub mod openapi;
 mod services;
 mod tokens;
@@ -95,12 +96,16 @@ pub fn router(state: AppState) -> Router {
     let authed = services::router()
         .merge(tokens::router())
         .merge(exec::router())
+        .merge(keys::router())
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .with_state(state.clone());
     let v1 = Router::new().route("/health", get(health)).route("/openapi.json", get(openapi::serve)).merge(authed);
     Router::new()
         .nest("/api/v1", v1)
         .layer(middleware::map_response(json_errors))
+        // git's smart HTTP protocol: plain-text errors, its own authentication, and bodies
+        // streamed without the API's size limit.
+        .merge(crate::server::git::http::router().with_state(state.clone()))
         .fallback(|req: Request| async move {
             Error::NotFound(format!("no such endpoint: {} {}", req.method(), req.uri().path()))
         })
@@ -180,6 +185,11 @@ async fn authenticate(State(state): State<AppState>, mut req: Request, next: Nex
         .map(str::trim)
         .filter(|t| !t.is_empty())
         .ok_or_else(|| Error::Unauthorized("the Authorization header must be \"Bearer <token>\"".into()))?;
+    // A `git push` in progress: its hook's short-lived token (see `git::PushToken`).
+    if let Some(caller) = crate::server::git::push_caller(token, req.method(), req.uri().path()) {
+        req.extensions_mut().insert(caller?);
+        return Ok(next.run(req).await);
+    }
     let Some(t) = crate::server::db::find_token(&state.db, &crate::server::token::hash(token)).await? else {
         return Err(Error::Unauthorized("invalid token".into()));
     };

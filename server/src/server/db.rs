@@ -767,3 +767,140 @@ pub async fn delete_domain(pool: &SqlitePool, service_id: i64, host: &str) -> an
         .with_context(|| format!("removing domain {host}"))?;
     Ok(r.rows_affected() == 1)
 }
+
+// --- builds --------------------------------------------------------------------------------
+
+/// A build of a service's source, as stored; its output is `<data-dir>/builds/<id>.log`.
+#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
+pub struct Build {
+    pub id: i64,
+    pub service: String,
+    /// `building`, `deploying`, `succeeded` or `failed`.
+    pub status: String,
+    /// `git` (a push) or `upload` (a context sent to the API).
+    pub source: String,
+    pub commit: Option<String>,
+    pub branch: Option<String>,
+    pub image: Option<String>,
+    pub image_id: Option<String>,
+    /// The deploy that followed the build.
+    pub deploy: Option<i64>,
+    pub error: Option<String>,
+    /// The name of the token that asked for it.
+    pub by: String,
+    pub created_at: String,
+    pub finished_at: Option<String>,
+}
+
+const BUILD_COLUMNS: &str = "b.id, s.name, b.status, b.source, b.git_commit, b.branch, b.image, b.image_id, \
+     b.deploy_id, b.error, b.token, b.created_at, b.finished_at";
+
+fn build_from_row(r: &SqliteRow) -> anyhow::Result<Build> {
+    Ok(Build {
+        id: r.try_get(0)?,
+        service: r.try_get(1)?,
+        status: r.try_get(2)?,
+        source: r.try_get(3)?,
+        commit: r.try_get(4)?,
+        branch: r.try_get(5)?,
+        image: r.try_get(6)?,
+        image_id: r.try_get(7)?,
+        deploy: r.try_get(8)?,
+        error: r.try_get(9)?,
+        by: r.try_get(10)?,
+        created_at: r.try_get(11)?,
+        finished_at: r.try_get(12)?,
+    })
+}
+
+pub async fn insert_build(
+    pool: &SqlitePool,
+    service_id: i64,
+    source: &str,
+    commit: Option<&str>,
+    branch: Option<&str>,
+    token: &str,
+) -> anyhow::Result<i64> {
+    let r = sqlx::query(
+        "INSERT INTO builds (service_id, status, source, git_commit, branch, token, created_at) \
+         VALUES ($1, 'building', $2, $3, $4, $5, $6) RETURNING id",
+    )
+    .bind(service_id)
+    .bind(source)
+    .bind(commit)
+    .bind(branch)
+    .bind(token)
+    .bind(now())
+    .fetch_one(pool)
+    .await
+    .context("recording a build")?;
+    Ok(r.try_get(0)?)
+}
+
+/// Records a build's progress; `finished` stamps its end.
+#[allow(clippy::too_many_arguments)]
+pub async fn update_build(
+    pool: &SqlitePool,
+    id: i64,
+    status: &str,
+    image: Option<&str>,
+    image_id: Option<&str>,
+    deploy: Option<i64>,
+    error: Option<&str>,
+    finished: bool,
+) -> anyhow::Result<()> {
+    sqlx::query(
+        "UPDATE builds SET status = $1, image = COALESCE($2, image), image_id = COALESCE($3, image_id), \
+         deploy_id = COALESCE($4, deploy_id), error = $5, finished_at = $6 WHERE id = $7",
+    )
+    .bind(status)
+    .bind(image)
+    .bind(image_id)
+    .bind(deploy)
+    .bind(error)
+    .bind(finished.then(now))
+    .bind(id)
+    .execute(pool)
+    .await
+    .context("recording a build's progress")?;
+    Ok(())
+}
+
+pub async fn get_build(pool: &SqlitePool, service: &str, id: i64) -> anyhow::Result<Option<Build>> {
+    let row = sqlx::query(&format!(
+        "SELECT {BUILD_COLUMNS} FROM builds b JOIN services s ON s.id = b.service_id WHERE s.name = $1 AND b.id = $2"
+    ))
+    .bind(service)
+    .bind(id)
+    .fetch_optional(pool)
+    .await
+    .context("reading a build")?;
+    row.as_ref().map(build_from_row).transpose()
+}
+
+/// A service's builds, newest first, at most `limit`.
+pub async fn list_builds(pool: &SqlitePool, service: &str, limit: i64) -> anyhow::Result<Vec<Build>> {
+    let rows = sqlx::query(&format!(
+        "SELECT {BUILD_COLUMNS} FROM builds b JOIN services s ON s.id = b.service_id WHERE s.name = $1 \
+         ORDER BY b.id DESC LIMIT $2"
+    ))
+    .bind(service)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+    .with_context(|| format!("listing the builds of {service}"))?;
+    rows.iter().map(build_from_row).collect()
+}
+
+/// Builds a restart left unfinished are failed: their process is gone.
+pub async fn fail_unfinished_builds(pool: &SqlitePool) -> anyhow::Result<u64> {
+    let r = sqlx::query(
+        "UPDATE builds SET status = 'failed', error = 'the server stopped during the build', finished_at = $1 \
+         WHERE finished_at IS NULL",
+    )
+    .bind(now())
+    .execute(pool)
+    .await
+    .context("closing unfinished builds")?;
+    Ok(r.rows_affected())
+}

@@ -26,6 +26,8 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(120);
 #[derive(Debug, Clone)]
 pub enum Source {
     Image(Reference),
+    /// An image already in the store (built from source): no pull.
+    Local(Reference),
     Config(i64),
     Revision(i64),
 }
@@ -33,7 +35,7 @@ pub enum Source {
 impl std::fmt::Display for Source {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Source::Image(r) => write!(f, "{r}"),
+            Source::Image(r) | Source::Local(r) => write!(f, "{r}"),
             Source::Config(n) => write!(f, "revision {n}'s image with new settings"),
             Source::Revision(n) => write!(f, "revision {n}"),
         }
@@ -128,7 +130,8 @@ async fn steps(
         let _ = events.send(Event::Progress { message: m });
     };
     let rev = match source {
-        Source::Image(reference) => new_revision(state, service, id, reference, events).await?,
+        Source::Image(reference) => new_revision(state, service, id, reference, true, events).await?,
+        Source::Local(reference) => new_revision(state, service, id, reference, false, events).await?,
         Source::Config(n) => {
             let base = stored_revision(state, service, *n).await?;
             let (engine, image_id) = (state.engine.clone(), base.image_id.clone());
@@ -227,11 +230,20 @@ async fn new_revision(
     service: &db::Service,
     id: i64,
     reference: &Reference,
+    pull: bool,
     events: &mpsc::UnboundedSender<Event>,
 ) -> Result<db::Revision, String> {
     let say = |m: String| {
         let _ = events.send(Event::Progress { message: m });
     };
+    if !pull {
+        let (engine, r) = (state.engine.clone(), reference.to_string());
+        let image = tokio::task::spawn_blocking(move || engine.images().get(&r))
+            .await
+            .map_err(|e| format!("reading {reference}: {e}"))?
+            .map_err(|e| format!("{reference}: {e}"))?;
+        return record_revision(state, service, id, reference, &image, events).await;
+    }
     db::update_deploy(&state.db, id, "pulling", None, None, false).await.map_err(|e| format!("{e:#}"))?;
     say(format!("pulling {reference}"));
     // The store's pull future is not `Send` (a borrow held across an await inside it), so it
@@ -259,6 +271,20 @@ async fn new_revision(
         .await
         .map_err(|e| format!("pulling {reference}: the pull task failed: {e}"))?
         .map_err(|e| format!("pulling {reference}: {e}"))?
+    };
+    record_revision(state, service, id, reference, &image, events).await
+}
+
+async fn record_revision(
+    state: &AppState,
+    service: &db::Service,
+    id: i64,
+    reference: &Reference,
+    image: &berth_agent::image::Image,
+    events: &mpsc::UnboundedSender<Event>,
+) -> Result<db::Revision, String> {
+    let say = |m: String| {
+        let _ = events.send(Event::Progress { message: m });
     };
     let port = choose_port(service.port, &service.env, &image.config.exposed_ports)?;
     let rev = db::insert_revision(&state.db, service, &reference.to_string(), &image.id.to_string(), port)

@@ -49,7 +49,7 @@ pub const MAX_QUEUE: u32 = 100_000;
 pub const MAX_DURATION_MS: u64 = 24 * 3600 * 1000;
 
 /// What the API accepts to change scaling: every field is optional, unknown ones are refused.
-#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+#[derive(Debug, Default, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[schemars(rename = "ScalingPatch")]
 pub struct Patch {

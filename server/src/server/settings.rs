@@ -38,6 +38,9 @@ pub struct Args {
     /// in <data-dir>/berth.db; `sqlite:PATH` puts the SQLite file elsewhere.
     #[arg(long, env = "BERTH_DATABASE_URL", hide_env_values = true, value_name = "URL")]
     pub database_url: Option<String>,
+    /// Where the SSH server for `git push` listens ("" or "off": no SSH server).
+    #[arg(long, env = "BERTH_SSH_ADDR", default_value = "0.0.0.0:2222", value_name = "ADDR")]
+    pub ssh_addr: String,
 }
 
 /// The validated options.
@@ -53,6 +56,8 @@ pub struct Settings {
     pub header_timeout: std::time::Duration,
     pub prepared: usize,
     pub database_url: Option<String>,
+    /// None: no SSH server.
+    pub ssh_addr: Option<SocketAddr>,
 }
 
 impl Settings {
@@ -93,6 +98,13 @@ impl Settings {
                 "--http-addr and --api-addr are both {http_addr}: the proxy and the API need their own ports"
             ));
         }
+        let ssh_addr = match args.ssh_addr.trim() {
+            "" | "off" => None,
+            s => Some(addr("--ssh-addr", s)?),
+        };
+        if let Some(ssh) = ssh_addr.filter(|a| a.port() != 0 && (*a == http_addr || *a == api_addr)) {
+            return Err(format!("--ssh-addr {ssh} is also --http-addr or --api-addr: SSH needs its own port"));
+        }
         if args.prepared > 1000 {
             return Err(format!("--prepared {}: at most 1000", args.prepared));
         }
@@ -105,6 +117,7 @@ impl Settings {
             hold_body_limit,
             header_timeout,
             prepared: args.prepared,
+            ssh_addr,
             database_url: match &args.database_url {
                 Some(url) => {
                     super::db::Location::parse(Some(url), std::path::Path::new("."))?;
@@ -301,6 +314,7 @@ mod tests {
             header_timeout: "10s".into(),
             prepared: 4,
             database_url: None,
+            ssh_addr: "0.0.0.0:2222".into(),
         }
     }
 
@@ -316,6 +330,8 @@ mod tests {
             (|a| a.api_addr = "nonsense".into(), "--api-addr \"nonsense\": not an address"),
             (|a| a.http_addr = "127.0.0.1".into(), "--http-addr \"127.0.0.1\""),
             (|a| a.control_host = Some("a_b".into()), "--control-host \"a_b\""),
+            (|a| a.ssh_addr = "2222".into(), "--ssh-addr \"2222\": not an address"),
+            (|a| a.ssh_addr = "127.0.0.1:7070".into(), "SSH needs its own port"),
             (|a| a.trusted_proxy = vec!["10.0.0.0/8".into(), "10.0.0.0/99".into()], "--trusted-proxy \"10.0.0.0/99\""),
         ];
         for (change, want) in cases {

@@ -11,7 +11,7 @@ use schemars::generate::{SchemaGenerator, SchemaSettings};
 use schemars::JsonSchema;
 use serde_json::{json, Map, Value};
 
-use super::{exec, services, tokens, traffic};
+use super::{exec, keys, services, tokens, traffic};
 use crate::server::{db, platform};
 
 /// `{"error": "..."}`: every failure.
@@ -118,6 +118,12 @@ struct CreatedToken {
     service: Option<String>,
     created_at: String,
     token: String,
+}
+
+#[derive(JsonSchema)]
+#[allow(dead_code)]
+struct KeyList {
+    keys: Vec<crate::server::git::keys::Key>,
 }
 
 type SchemaFn = fn(&mut SchemaGenerator) -> schemars::Schema;
@@ -401,6 +407,35 @@ pub const OPERATIONS: &[Operation] = &[
         &[(201, Some(of::<CreatedToken>))],
     ),
     op("delete", "/tokens/{name}", "revokeToken", "Revoke a token", &[NAME], None, &[(204, None)]),
+    op("get", "/keys", "listKeys", "SSH keys allowed to git push", &[], None, &[(200, Some(of::<KeyList>))]),
+    op(
+        "post",
+        "/keys",
+        "addKey",
+        "Allow an SSH public key to git push (any service)",
+        &[],
+        Some(of::<keys::Add>),
+        &[(201, Some(of::<crate::server::git::keys::Key>))],
+    ),
+    op("delete", "/keys/{name}", "removeKey", "Remove an SSH key", &[NAME], None, &[(204, None)]),
+    op(
+        "get",
+        "/services/{name}/git",
+        "getGit",
+        "A service's deploy branch and git remotes",
+        &[NAME],
+        None,
+        &[(200, Some(of::<keys::GitView>))],
+    ),
+    op(
+        "put",
+        "/services/{name}/git",
+        "setGit",
+        "Set the branch whose pushes deploy the service",
+        &[NAME],
+        Some(of::<keys::SetGit>),
+        &[(200, Some(of::<keys::GitView>))],
+    ),
 ];
 
 fn status_text(code: u16) -> &'static str {

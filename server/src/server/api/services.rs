@@ -380,7 +380,7 @@ fn parse_image(image: &str) -> Result<berth_agent::reference::Reference, Error> 
 }
 
 /// Creates a service (stored and live); 409 if the name is taken.
-async fn insert(state: &AppState, name: &str, settings: &Settings) -> Result<Service, Error> {
+pub(super) async fn insert(state: &AppState, name: &str, settings: &Settings) -> Result<Service, Error> {
     check_name(name).map_err(Error::BadRequest)?;
     if format!("{name}.{}", state.domain) == state.control_host {
         return Err(Error::Conflict(format!(
@@ -531,7 +531,7 @@ pub(super) struct DeployQuery {
 }
 
 /// A deploy's `timeout` field: 1s to 1h, by default deploy::READY_TIMEOUT.
-fn parse_timeout(t: &Option<String>) -> Result<Duration, Error> {
+pub(super) fn parse_timeout(t: &Option<String>) -> Result<Duration, Error> {
     match t {
         Some(t) => {
             let ms = scaling::parse_duration(t).map_err(|e| Error::BadRequest(format!("timeout: {e}")))?;
@@ -569,7 +569,9 @@ pub(super) async fn start_deploy(
         .get(&service.name)
         .ok_or_else(|| Error::NotFound(format!("no service named {:?}", service.name)))?;
     let (kind, revision, image) = match &source {
-        crate::server::deploy::Source::Image(r) => ("deploy", None, r.to_string()),
+        crate::server::deploy::Source::Image(r) | crate::server::deploy::Source::Local(r) => {
+            ("deploy", None, r.to_string())
+        }
         crate::server::deploy::Source::Config(n) => {
             let image = db::get_revision(&state.db, service.id, *n).await?.map(|r| r.image).unwrap_or_default();
             ("config", None, image)
@@ -812,7 +814,7 @@ async fn logs(
 }
 
 /// A streamed body fed by `f` through a channel; the stream ends when `f` returns.
-fn async_stream<F, Fut>(f: F) -> Body
+pub(super) fn async_stream<F, Fut>(f: F) -> Body
 where
     F: FnOnce(tokio::sync::mpsc::Sender<Bytes>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
