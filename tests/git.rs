@@ -89,6 +89,7 @@ pub struct Keypair {
 }
 
 impl Keypair {
+    #[allow(clippy::new_without_default)]
     pub fn new() -> Keypair {
         need("ssh-keygen");
         let dir = tempfile::Builder::new().prefix("btkey").tempdir_in("/tmp").unwrap();

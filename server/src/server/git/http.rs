@@ -215,7 +215,7 @@ async fn rpc(State(state): State<AppState>, Path(path): Path<String>, req: Reque
         Ok(c) => c,
         Err(e) => return internal(anyhow::Error::new(e).context("starting git (git must be installed on the server)")),
     };
-    drop(hook);
+    let _ = hook;
     let (Some(stdin), Some(stdout), Some(stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
     else {
         return internal(anyhow::anyhow!("git's stdio was not piped"));

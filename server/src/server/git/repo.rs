@@ -57,7 +57,7 @@ pub fn service_of(path: &str) -> Result<String, String> {
 pub fn parse_command(cmd: &str) -> Result<(Service, String), String> {
     let cmd = cmd.trim();
     let (program, rest) = match cmd.split_once(' ') {
-        Some((p, r)) if p == "git" => match r.trim_start().split_once(' ') {
+        Some(("git", r)) => match r.trim_start().split_once(' ') {
             Some((sub, r)) => (format!("git-{sub}"), r),
             None => (cmd.to_string(), ""),
         },

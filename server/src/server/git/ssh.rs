@@ -323,21 +323,20 @@ async fn run_git(
     let Some(repo) = repo::open(data_dir, name, &cfg.exe, push).await? else {
         anyhow::bail!("no repository {name:?}: push to it first");
     };
-    let token;
-    let branch;
-    let hook = if push {
-        branch = super::deploy_branch(db, name).await?.unwrap_or_else(|| super::DEFAULT_BRANCH.to_string());
-        token = super::PushToken::mint(name, &format!("key:{key}"))?;
-        Some(repo::HookEnv { service: name, branch: &branch, token: &token })
+    let (token, branch) = if push {
+        let branch = super::deploy_branch(db, name).await?.unwrap_or_else(|| super::DEFAULT_BRANCH.to_string());
+        (Some(super::PushToken::mint(name, &format!("key:{key}"))?), branch)
     } else {
-        None
+        (None, String::new())
     };
+    let hook = token.as_ref().map(|t| repo::HookEnv { service: name, branch: &branch, token: t });
     let mut child = repo::command(service, &repo, false, false, protocol, hook.as_ref())
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .context("starting git (git must be installed on the server)")?;
+    let _ = hook;
     let mut stdin = child.stdin.take().context("git's stdin")?;
     let mut stdout = child.stdout.take().context("git's stdout")?;
     let mut stderr = child.stderr.take().context("git's stderr")?;
@@ -346,11 +345,8 @@ async fn run_git(
     let input = tokio::spawn(async move {
         while let Some(msg) = rx.wait().await {
             match msg {
-                ChannelMsg::Data { data } => {
-                    if stdin.write_all(&data).await.is_err() {
-                        break;
-                    }
-                }
+                ChannelMsg::Data { data } if stdin.write_all(&data).await.is_err() => break,
+                ChannelMsg::Data { .. } => {}
                 ChannelMsg::Eof | ChannelMsg::Close => break,
                 _ => {}
             }
@@ -367,7 +363,8 @@ async fn run_git(
     err.context("sending git's messages")?;
     let _ = out_writer.flush().await;
     let _ = err_writer.flush().await;
-    drop(hook);
+    // The push token lives until git (and its hook) is done.
+    drop(token);
     Ok(match status.code() {
         Some(c) => c as u32,
         None => 1,
