@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+mod build;
 mod client;
 mod container;
 mod exec;
@@ -36,6 +37,8 @@ pub enum Command {
     Image(image::Command),
     /// Run a container from an image (pulled if missing).
     Run(Box<run::Args>),
+    /// Build a Dockerfile into the image store: `berth build -t web:1 DIR`.
+    Build(Box<build::Args>),
     /// Manage containers: ls, inspect, logs, exec, stop, rm.
     #[command(subcommand)]
     Container(container::Command),
@@ -45,6 +48,13 @@ pub enum Command {
     Deploy {
         #[command(flatten)]
         args: client::DeployArgs,
+        #[command(flatten)]
+        conn: client::Conn,
+    },
+    /// A service's builds from source: `berth builds NAME`, `berth builds NAME ID --log`.
+    Builds {
+        #[command(flatten)]
+        args: client::BuildsArgs,
         #[command(flatten)]
         conn: client::Conn,
     },
@@ -228,7 +238,7 @@ pub fn main() -> i32 {
         init_tracing("info");
         return crate::server::main(&cli.data_dir, cli.config.as_deref(), args);
     }
-    if !matches!(cli.command, Command::Exec { .. } | Command::Image(_) | Command::Run(_) | Command::Container(_)) {
+    if !matches!(cli.command, Command::Exec { .. } | Command::Image(_) | Command::Run(_) | Command::Build(_) | Command::Container(_)) {
         // A client command printing into a closed pipe (`berth traffic web | head -1`) ends
         // quietly, as Unix tools do, instead of panicking in println!.
         berth_agent::engine::default_sigpipe();
@@ -236,6 +246,7 @@ pub fn main() -> i32 {
     let client_result = match &cli.command {
         Command::Deploy { args, conn } => Some(client::deploy(conn, &cli.data_dir, args)),
         Command::Services { conn } => Some(client::services(conn, &cli.data_dir)),
+        Command::Builds { args, conn } => Some(client::builds(conn, &cli.data_dir, args)),
         Command::Logs { args, conn } => Some(client::logs(conn, &cli.data_dir, args)),
         Command::Scale { args, conn } => Some(client::scale(conn, &cli.data_dir, args)),
         Command::Rm { name, conn } => Some(client::rm(conn, &cli.data_dir, name)),
@@ -281,11 +292,13 @@ pub fn main() -> i32 {
     let result = match cli.command {
         Command::Image(cmd) => image::run(&engine, cmd),
         Command::Run(args) => run::run(&engine, *args),
+        Command::Build(args) => build::run(&engine, *args),
         Command::Container(cmd) => container::run(&engine, cmd),
         Command::Shim { .. }
         | Command::Server(_)
         | Command::Deploy { .. }
         | Command::Services { .. }
+        | Command::Builds { .. }
         | Command::Logs { .. }
         | Command::Scale { .. }
         | Command::Rm { .. }

@@ -17,6 +17,7 @@ pub mod git;
 pub mod instance;
 pub mod internal;
 pub mod logs;
+pub mod manifest;
 pub mod platform;
 pub mod proxy;
 pub mod scaling;
@@ -151,6 +152,10 @@ async fn serve(data_dir: &Path, mut cfg: berth_agent::Config, settings: Settings
     let location = db::Location::parse(settings.database_url.as_deref(), data_dir).map_err(anyhow::Error::msg)?;
     let db = db::open(&location).await?;
     let unfinished = db::fail_unfinished_deploys(&db).await?;
+    let builds = db::fail_unfinished_builds(&db).await?;
+    if builds > 0 {
+        tracing::warn!(builds, "builds the previous server left unfinished are marked failed");
+    }
     if unfinished > 0 {
         tracing::warn!(deploys = unfinished, "deploys the previous server left unfinished are marked failed");
     }
@@ -169,6 +174,11 @@ async fn serve(data_dir: &Path, mut cfg: berth_agent::Config, settings: Settings
         control_host: settings.control_host.clone(),
         http_port,
         keys: secrets::Keyring::load_or_create(data_dir)?,
+        builds: Arc::new(api::builds::Builds::new(
+            Some(settings.build_cpus),
+            Some(settings.build_memory),
+            settings.builds,
+        )),
     };
     let adopted = load_services(&state).await?;
     write_gc_roots(&state).await;

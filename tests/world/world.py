@@ -53,7 +53,7 @@ import uuid
 RECIPES = {
     "busybox": "1",
     "busybox-zstd": "1",
-    "python": "4",
+    "python": "5",
     "nginx": "2",
 }
 IMAGE_NAMES = list(RECIPES)
@@ -667,7 +667,7 @@ def build_python(out, workdir):
     t0 = time.time()
     dlog = os.path.join(workdir, "debootstrap.out")
     with open(dlog, "wb") as dout:
-        p = subprocess.Popen(["debootstrap", "--variant=minbase", "--include=python3-minimal,python3",
+        p = subprocess.Popen(["debootstrap", "--variant=minbase", "--include=python3-minimal,python3,tcc,libc6-dev",
                               SUITE, root, mirror], stdin=subprocess.DEVNULL, stdout=dout, stderr=dout)
     try:
         rc = p.wait()
@@ -722,7 +722,7 @@ def build_python(out, workdir):
 
     w = LayoutWriter(out)
     log("compressing base layer")
-    w.add_layer(base_tar, "gzip", "debootstrap --variant=minbase --include=python3-minimal,python3 %s" % SUITE)
+    w.add_layer(base_tar, "gzip", "debootstrap --variant=minbase --include=python3-minimal,python3,tcc,libc6-dev %s" % SUITE)
     w.add_layer(app_tar, "gzip", "/srv/app.py")
     w.finish(PYTHON_CONFIG)
 

@@ -22,6 +22,10 @@ pub struct ImageConfig {
     pub labels: BTreeMap<String, String>,
     /// Paths declared as volumes, sorted.
     pub volumes: Vec<String>,
+    /// The HEALTHCHECK test as Docker stores it (`["CMD", ...]`, `["CMD-SHELL", "..."]`,
+    /// `["NONE"]`), if the image has one.
+    #[serde(default)]
+    pub healthcheck: Option<Vec<String>>,
 }
 
 /// The whole config file, as far as the store needs it.
@@ -78,6 +82,15 @@ struct RawConfig {
     labels: BTreeMap<String, Option<String>>,
     #[serde(default, deserialize_with = "null_default")]
     volumes: BTreeMap<String, serde_json::Value>,
+    #[serde(default)]
+    healthcheck: Option<RawHealthcheck>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "PascalCase")]
+struct RawHealthcheck {
+    #[serde(default, deserialize_with = "null_default")]
+    test: Vec<String>,
 }
 
 fn null_default<'de, D: Deserializer<'de>, T: Default + Deserialize<'de>>(d: D) -> Result<T, D::Error> {
@@ -130,6 +143,7 @@ pub(crate) fn parse_file(bytes: &[u8]) -> Result<ConfigFile, String> {
         stop_signal: non_empty(c.stop_signal),
         labels: c.labels.into_iter().filter_map(|(k, v)| Some((k, v?))).collect(),
         volumes: c.volumes.into_keys().collect(),
+        healthcheck: c.healthcheck.map(|h| h.test).filter(|t| !t.is_empty()),
     };
     Ok(ConfigFile {
         config,

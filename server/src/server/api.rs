@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 
+pub mod builds;
 mod domains;
 mod env;
 pub mod exec;
@@ -34,6 +35,8 @@ pub struct AppState {
     pub http_port: u16,
     /// Seals and opens secret variables.
     pub keys: super::secrets::Keyring,
+    /// Build limits and slots.
+    pub builds: std::sync::Arc<builds::Builds>,
 }
 
 impl AppState {
@@ -94,6 +97,7 @@ impl IntoResponse for Error {
 /// The whole API.
 pub fn router(state: AppState) -> Router {
     let authed = services::router()
+        .merge(builds::router())
         .merge(tokens::router())
         .merge(exec::router())
         .merge(keys::router())
@@ -166,6 +170,14 @@ impl Scope {
         match (method, rest) {
             (&Method::GET, "") => true,
             (&Method::POST, "/deploys") | (&Method::GET, "/deploys") => true,
+            (&Method::POST, "/builds") | (&Method::GET, "/builds") => true,
+            (&Method::GET, r) if r.strip_prefix("/builds/").is_some_and(|id| {
+                let id = id.strip_suffix("/log").unwrap_or(id);
+                !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit())
+            }) =>
+            {
+                true
+            }
             (&Method::GET, _) if deploy_id => true,
             _ => false,
         }

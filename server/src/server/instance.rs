@@ -310,7 +310,7 @@ impl Executor {
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_millis(2));
         }
-        let Some(path) = &rev.health_path else { return Ok(addr) };
+        let Some(path) = &rev.health_path else { return self.wait_healthcheck(id, addr, rev, deadline, timeout).await };
         let mut last;
         loop {
             match health_get(addr, path).await {
@@ -327,6 +327,55 @@ impl Executor {
             }
             self.ensure_running(id).await?;
             tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Without a health path, an image's HEALTHCHECK (`CMD` or `CMD-SHELL`) is the readiness
+    /// check: it runs in the instance until it exits 0.
+    async fn wait_healthcheck(
+        &self,
+        id: &str,
+        addr: SocketAddr,
+        rev: &Revision,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<SocketAddr, String> {
+        let image_id = rev.image_id.clone();
+        let test = self.blocking(move |e| e.images().get(&image_id).ok().and_then(|i| i.config.healthcheck)).await;
+        let args: Vec<String> = match test.as_deref() {
+            Some([kind, rest @ ..]) if kind == "CMD" && !rest.is_empty() => rest.to_vec(),
+            Some([kind, cmd]) if kind == "CMD-SHELL" => vec!["/bin/sh".into(), "-c".into(), cmd.clone()],
+            _ => return Ok(addr),
+        };
+        let mut last;
+        loop {
+            let (cid, a) = (id.to_string(), args.clone());
+            let outcome = self
+                .blocking(move |e| {
+                    let opts = berth_agent::ExecOptions {
+                        args: a,
+                        stdin: std::process::Stdio::null(),
+                        stdout: std::process::Stdio::null(),
+                        stderr: std::process::Stdio::null(),
+                        ..Default::default()
+                    };
+                    e.exec(&cid, opts).map_err(|e| e.to_string()).and_then(|mut x| x.wait().map_err(|e| e.to_string()))
+                })
+                .await;
+            match outcome {
+                Ok(0) => return Ok(addr),
+                Ok(code) => last = format!("exit code {code}"),
+                Err(e) => last = e,
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "the image's HEALTHCHECK {args:?} did not succeed within {} (last: {last}){}",
+                    super::scaling::format_duration(timeout.as_millis() as u64),
+                    self.tail(id).await
+                ));
+            }
+            self.ensure_running(id).await?;
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 

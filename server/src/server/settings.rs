@@ -41,6 +41,23 @@ pub struct Args {
     /// Where the SSH server for `git push` listens ("" or "off": no SSH server).
     #[arg(long, env = "BERTH_SSH_ADDR", default_value = "0.0.0.0:2222", value_name = "ADDR")]
     pub ssh_addr: String,
+    /// CPUs each build step may use, like 1.5 (default: all but one, at least one), so that
+    /// builds cannot starve the services.
+    #[arg(long, env = "BERTH_BUILD_CPUS", value_name = "CPUS")]
+    pub build_cpus: Option<f64>,
+    /// Memory each build step may use, like 2g (default: half the machine's).
+    #[arg(long, env = "BERTH_BUILD_MEMORY", value_name = "SIZE")]
+    pub build_memory: Option<String>,
+    /// Builds that run at once; more wait their turn.
+    #[arg(long, env = "BERTH_BUILDS", default_value_t = 2, value_name = "N")]
+    pub builds: usize,
+}
+
+/// The machine's memory, from /proc/meminfo.
+fn memory_total() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: u64 = text.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 /// The validated options.
@@ -58,6 +75,9 @@ pub struct Settings {
     pub database_url: Option<String>,
     /// None: no SSH server.
     pub ssh_addr: Option<SocketAddr>,
+    pub build_cpus: f64,
+    pub build_memory: u64,
+    pub builds: usize,
 }
 
 impl Settings {
@@ -105,6 +125,21 @@ impl Settings {
         if let Some(ssh) = ssh_addr.filter(|a| a.port() != 0 && (*a == http_addr || *a == api_addr)) {
             return Err(format!("--ssh-addr {ssh} is also --http-addr or --api-addr: SSH needs its own port"));
         }
+        let ncpu = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
+        let build_cpus = match args.build_cpus {
+            Some(c) if c > 0.0 && c <= ncpu => c,
+            Some(c) => return Err(format!("--build-cpus {c}: must be more than 0 and at most {ncpu}")),
+            None => (ncpu - 1.0).max(1.0),
+        };
+        let build_memory = match &args.build_memory {
+            Some(m) => berth_agent::engine::parse_size(m)
+                .filter(|&n| n >= 64 << 20)
+                .ok_or_else(|| format!("--build-memory {m:?}: expected a size of at least 64m, like 2g"))?,
+            None => memory_total().map(|m| m / 2).unwrap_or(2 << 30),
+        };
+        if !(1..=64).contains(&args.builds) {
+            return Err(format!("--builds {}: from 1 to 64", args.builds));
+        }
         if args.prepared > 1000 {
             return Err(format!("--prepared {}: at most 1000", args.prepared));
         }
@@ -118,6 +153,9 @@ impl Settings {
             header_timeout,
             prepared: args.prepared,
             ssh_addr,
+            build_cpus,
+            build_memory,
+            builds: args.builds,
             database_url: match &args.database_url {
                 Some(url) => {
                     super::db::Location::parse(Some(url), std::path::Path::new("."))?;
@@ -315,6 +353,9 @@ mod tests {
             prepared: 4,
             database_url: None,
             ssh_addr: "0.0.0.0:2222".into(),
+            build_cpus: None,
+            build_memory: None,
+            builds: 2,
         }
     }
 
