@@ -50,7 +50,13 @@ fn a_python_app_a_compiled_multi_stage_build_and_a_static_site_are_served() {
 
     // A Python stdlib app; berth.toml sets the port and a variable.
     let py = source(&[
-        ("Dockerfile", &format!("FROM {}\nWORKDIR /app\nCOPY app.py version.txt ./\nCMD [\"python3\", \"app.py\"]\n", image("python"))),
+        (
+            "Dockerfile",
+            &format!(
+                "FROM {}\nWORKDIR /app\nCOPY app.py version.txt ./\nCMD [\"python3\", \"app.py\"]\n",
+                image("python")
+            ),
+        ),
         ("app.py", APP),
         ("version.txt", "v1\n"),
         ("berth.toml", "[service]\nport = 8000\nenv = { MODE = \"toml\" }\n"),
@@ -84,7 +90,13 @@ fn a_python_app_a_compiled_multi_stage_build_and_a_static_site_are_served() {
 
     // A static site; .dockerignore keeps a file out, an exception lets one back in.
     let site = source(&[
-        ("Dockerfile", &format!("FROM {}\nCOPY . /www/\nCMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n", image("busybox"))),
+        (
+            "Dockerfile",
+            &format!(
+                "FROM {}\nCOPY . /www/\nCMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n",
+                image("busybox")
+            ),
+        ),
         (".dockerignore", "*.secret\n!public.secret\nDockerfile\n"),
         ("index.html", "<h1>static</h1>\n"),
         ("private.secret", "no\n"),
@@ -136,13 +148,8 @@ fn an_unchanged_rebuild_reuses_every_layer_and_a_change_rebuilds_from_its_copy()
     std::fs::write(dir.path().join("b.txt"), "b2\n").unwrap();
     ok(&deploy_source(&s, &b, "cache", dir.path()), &s);
     let third = last_log(&s, &b, "cache");
-    let cached_steps: Vec<&str> = third
-        .lines()
-        .collect::<Vec<_>>()
-        .windows(2)
-        .filter(|w| w[1].contains("---> cached"))
-        .map(|w| w[0])
-        .collect();
+    let cached_steps: Vec<&str> =
+        third.lines().collect::<Vec<_>>().windows(2).filter(|w| w[1].contains("---> cached")).map(|w| w[0]).collect();
     assert_eq!(cached_steps.len(), 3, "the steps before COPY b.txt are cached:\n{third}");
     assert!(cached_steps.iter().all(|l| !l.contains("b.txt")), "{third}");
     assert!(third.contains("(6 steps, 3 cached)"), "{third}");
@@ -155,7 +162,13 @@ fn a_dockerfile_error_names_its_line_and_the_old_revision_keeps_serving() {
     let b = Berth::new();
     let s = Server::start(&b, &[]);
     let good = source(&[
-        ("Dockerfile", &format!("FROM {}\nCOPY index.html /www/\nCMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n", image("busybox"))),
+        (
+            "Dockerfile",
+            &format!(
+                "FROM {}\nCOPY index.html /www/\nCMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n",
+                image("busybox")
+            ),
+        ),
         ("index.html", "old\n"),
     ]);
     ok(&deploy_source(&s, &b, "web", good.path()), &s);
@@ -181,7 +194,10 @@ fn a_dockerfile_error_names_its_line_and_the_old_revision_keeps_serving() {
     let out = deploy_source(&s, &b, "web", failing.path());
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("Dockerfile line 3") && err.contains("exited with code 3") && err.contains("about to fail"), "{err}");
+    assert!(
+        err.contains("Dockerfile line 3") && err.contains("exited with code 3") && err.contains("about to fail"),
+        "{err}"
+    );
 
     // A context that is not a tar is refused with the reason.
     let r = berth_tests::server::request(

@@ -158,7 +158,7 @@ pub fn build(
         Err(e) if e.kind() == io::ErrorKind::NotFound => ignore::Ignore::parse("").expect("empty"),
         Err(e) => return Err(Error::new(format!("reading .dockerignore: {e}"))),
     };
-    let work = engine.data_dir().join("build").join(crate::container::new_id()[..16].to_string());
+    let work = engine.data_dir().join("build").join(&crate::container::new_id()[..16]);
     fs::create_dir_all(&work).map_err(|e| Error::new(format!("creating {}: {e}", work.display())))?;
     let _work = RemoveOnDrop(work.clone());
     let _gc = engine.images().hold_gc().map_err(err)?;
@@ -609,7 +609,9 @@ impl Builder<'_> {
 
     /// An image from the store, pulled if missing (or always with `--pull`).
     fn image(&mut self, name: &str) -> Result<Image> {
-        let r = name.parse::<Reference>().map_err(|e| Error::new(format!("{name:?} is not a valid image reference: {e}")))?;
+        let r = name
+            .parse::<Reference>()
+            .map_err(|e| Error::new(format!("{name:?} is not a valid image reference: {e}")))?;
         if !self.opts.pull {
             if let Ok(i) = self.engine.images().get(&r.to_string()) {
                 return Ok(i);
@@ -761,7 +763,14 @@ impl Builder<'_> {
             Kind::Healthcheck(h) => {
                 let v = match h {
                     dockerfile::Healthcheck::None => json!({ "Test": ["NONE"] }),
-                    dockerfile::Healthcheck::Check { test, interval, timeout, start_period, start_interval, retries } => {
+                    dockerfile::Healthcheck::Check {
+                        test,
+                        interval,
+                        timeout,
+                        start_period,
+                        start_interval,
+                        retries,
+                    } => {
                         let mut o = json!({ "Test": test });
                         let ns = |d: &Option<Duration>| d.map(|d| d.as_nanos() as u64);
                         for (k, d) in [
@@ -862,7 +871,7 @@ impl Builder<'_> {
         let mut missing = false;
         for c in path.trim_start_matches('/').split('/').filter(|c| !c.is_empty()) {
             acc = if acc.is_empty() { c.to_string() } else { format!("{acc}/{c}") };
-            match v.resolve(&acc).map(|p| fs::symlink_metadata(p)) {
+            match v.resolve(&acc).map(fs::symlink_metadata) {
                 Some(Ok(md)) if !missing => entries.push(dir_entry(&acc, &md)),
                 _ => {
                     missing = true;
@@ -994,7 +1003,8 @@ impl Builder<'_> {
                     mounts.push(Mount { source: host, destination: target, read_only: m.readonly });
                 }
                 MountKind::Secret => {
-                    let id = m.id.clone().or_else(|| target.as_deref().and_then(|t| t.rsplit('/').next()).map(String::from));
+                    let id =
+                        m.id.clone().or_else(|| target.as_deref().and_then(|t| t.rsplit('/').next()).map(String::from));
                     let id = id.ok_or_else(|| Error::new("RUN --mount=type=secret needs id="))?;
                     let t = target.clone().unwrap_or_else(|| format!("/run/secrets/{id}"));
                     if Path::new(&t).parent() != Some(Path::new("/run/secrets")) {
@@ -1004,7 +1014,9 @@ impl Builder<'_> {
                     }
                     let Some(src) = self.opts.secrets.get(&id) else {
                         if m.required {
-                            return Err(Error::new(format!("RUN --mount=type=secret: no secret {id:?} was given (--secret id={id},src=FILE)")));
+                            return Err(Error::new(format!(
+                                "RUN --mount=type=secret: no secret {id:?} was given (--secret id={id},src=FILE)"
+                            )));
                         }
                         continue;
                     };
@@ -1013,9 +1025,14 @@ impl Builder<'_> {
                         None => {
                             let d = self.scratch_dir("secrets");
                             fs::create_dir_all(&d).map_err(err)?;
-                            fs::set_permissions(&d, std::os::unix::fs::PermissionsExt::from_mode(0o700)).map_err(err)?;
+                            fs::set_permissions(&d, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                                .map_err(err)?;
                             secret_dir = Some(d.clone());
-                            mounts.push(Mount { source: d.clone(), destination: "/run/secrets".into(), read_only: true });
+                            mounts.push(Mount {
+                                source: d.clone(),
+                                destination: "/run/secrets".into(),
+                                read_only: true,
+                            });
                             d
                         }
                     };
@@ -1411,7 +1428,11 @@ impl Builder<'_> {
             return Ok(());
         }
         // Parent directories of the destination: existing ones as they are, new ones 0755.
-        let top = if dest_is_dir { dest.clone() } else { Path::new(&dest).parent().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default() };
+        let top = if dest_is_dir {
+            dest.clone()
+        } else {
+            Path::new(&dest).parent().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default()
+        };
         let mut parents = Vec::new();
         let mut acc = String::new();
         let mut missing = false;
@@ -1425,7 +1446,14 @@ impl Builder<'_> {
                 _ => {
                     missing = true;
                     let (uid, gid) = chown.unwrap_or((0, 0));
-                    parents.push(Entry { path: acc.clone(), kind: tarball::Kind::Dir, mode: 0o755, uid, gid, mtime: unix_now() });
+                    parents.push(Entry {
+                        path: acc.clone(),
+                        kind: tarball::Kind::Dir,
+                        mode: 0o755,
+                        uid,
+                        gid,
+                        mtime: unix_now(),
+                    });
                 }
             }
         }
@@ -1482,7 +1510,8 @@ impl Builder<'_> {
                     continue;
                 }
                 let Ok(rd) = fs::read_dir(dir) else { continue };
-                let mut names: Vec<String> = rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+                let mut names: Vec<String> =
+                    rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
                 names.sort();
                 for n in names {
                     if glob_match(comp, &n) {
@@ -1492,11 +1521,7 @@ impl Builder<'_> {
             }
             found = next;
         }
-        Ok(found
-            .into_iter()
-            .filter(|(_, r)| !(context && self.ignore.matches(r)))
-            .map(|(p, _)| p)
-            .collect())
+        Ok(found.into_iter().filter(|(_, r)| !(context && self.ignore.matches(r))).map(|(p, _)| p).collect())
     }
 
     fn download(&mut self, url: &str) -> Result<(String, Vec<u8>, u64)> {
@@ -1510,7 +1535,7 @@ impl Builder<'_> {
                     .headers()
                     .get(reqwest::header::LAST_MODIFIED)
                     .and_then(|v| v.to_str().ok())
-                    .and_then(|v| httpdate_secs(v));
+                    .and_then(httpdate_secs);
                 Ok::<_, reqwest::Error>((resp.bytes().await?.to_vec(), modified))
             })
             .map_err(|e| Error::new(format!("ADD {url}: {e}")))?;
@@ -1585,7 +1610,13 @@ fn dir_entry(rel: &str, md: &fs::Metadata) -> Entry {
 }
 
 /// The layer entry for one source path at `target` (absolute in the image).
-fn entry_for(target: &str, md: &fs::Metadata, host: &Path, owner: Option<(u32, u32)>, chmod: Option<u32>) -> Result<Entry> {
+fn entry_for(
+    target: &str,
+    md: &fs::Metadata,
+    host: &Path,
+    owner: Option<(u32, u32)>,
+    chmod: Option<u32>,
+) -> Result<Entry> {
     use std::os::unix::fs::FileTypeExt;
     let ft = md.file_type();
     let kind = if ft.is_dir() {
@@ -1653,12 +1684,14 @@ fn resolve_chown(spec: &str, v: &view::View) -> Result<(u32, u32)> {
     };
     let uid = match u.parse::<u32>() {
         Ok(n) => n,
-        Err(_) => lookup(&passwd, u).ok_or_else(|| Error::new(format!("--chown={spec}: no user {u:?} in the image's /etc/passwd")))?,
+        Err(_) => lookup(&passwd, u)
+            .ok_or_else(|| Error::new(format!("--chown={spec}: no user {u:?} in the image's /etc/passwd")))?,
     };
     let gid = match g {
         Some(g) => match g.parse::<u32>() {
             Ok(n) => n,
-            Err(_) => lookup(&group, g).ok_or_else(|| Error::new(format!("--chown={spec}: no group {g:?} in the image's /etc/group")))?,
+            Err(_) => lookup(&group, g)
+                .ok_or_else(|| Error::new(format!("--chown={spec}: no group {g:?} in the image's /etc/group")))?,
         },
         None => match u.parse::<u32>() {
             Ok(n) => n,
@@ -1743,7 +1776,9 @@ fn is_archive(p: &Path) -> bool {
     let Ok(mut f) = fs::File::open(p) else { return false };
     let n = f.read(&mut head).unwrap_or(0);
     let head = &head[..n];
-    head.starts_with(&[0x1f, 0x8b]) || head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) || (n >= 262 && &head[257..262] == b"ustar")
+    head.starts_with(&[0x1f, 0x8b])
+        || head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd])
+        || (n >= 262 && &head[257..262] == b"ustar")
 }
 
 /// Path cleaning as Go's `path.Clean` for absolute paths: `/a/./b/../c/` → `/a/c`.
@@ -1912,5 +1947,4 @@ mod tests {
         assert!(exists_in_layers(&layers[..1], "etc/hosts"));
         assert!(!exists_in_layers(&layers, "proc"));
     }
-
 }

@@ -732,7 +732,8 @@ impl Store {
             }
         }
         let ingest = self.blobs.ingest_unverified().map_err(store_err("storing a layer"))?;
-        let gz = flate2::write::GzEncoder::new(io::BufWriter::with_capacity(256 << 10, ingest), flate2::Compression::fast());
+        let gz =
+            flate2::write::GzEncoder::new(io::BufWriter::with_capacity(256 << 10, ingest), flate2::Compression::fast());
         let mut w = Hashing { inner: gz, hasher: <sha2::Sha256 as sha2::Digest>::new() };
         let tmp_path = self.blobs.root().join("tmp");
         write(&mut w).map_err(io_err("writing a layer", &tmp_path))?;
@@ -779,8 +780,8 @@ impl Store {
         };
         let bytes = serde_json::to_vec(&m).expect("a manifest serialises");
         let manifest_digest = self.blobs.put_bytes(&bytes).map_err(store_err("storing a manifest"))?;
-        let cfg = config::parse_file(config)
-            .map_err(|detail| Error::Invalid { image: "the built image".into(), detail })?;
+        let cfg =
+            config::parse_file(config).map_err(|detail| Error::Invalid { image: "the built image".into(), detail })?;
         let size = distinct_layers(layers)
             .iter()
             .map(|l| self.existing_layer("", l).ok().flatten().map(|m| m.size).unwrap_or(0))

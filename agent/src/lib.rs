@@ -4,10 +4,10 @@
 //! names. The control plane talks to it through [`Engine`] (see docs/ARCHITECTURE.md); the
 //! kernel work for each container happens in a shim process ([`shim`]).
 
+pub mod build;
 pub mod config;
 pub mod container;
 pub mod digest;
-pub mod build;
 pub mod engine;
 pub mod image;
 pub mod layer;

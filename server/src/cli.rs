@@ -238,7 +238,10 @@ pub fn main() -> i32 {
         init_tracing("info");
         return crate::server::main(&cli.data_dir, cli.config.as_deref(), args);
     }
-    if !matches!(cli.command, Command::Exec { .. } | Command::Image(_) | Command::Run(_) | Command::Build(_) | Command::Container(_)) {
+    if !matches!(
+        cli.command,
+        Command::Exec { .. } | Command::Image(_) | Command::Run(_) | Command::Build(_) | Command::Container(_)
+    ) {
         // A client command printing into a closed pipe (`berth traffic web | head -1`) ends
         // quietly, as Unix tools do, instead of panicking in println!.
         berth_agent::engine::default_sigpipe();

@@ -40,11 +40,7 @@ pub struct Dockerfile {
 impl Dockerfile {
     /// The stage called `name`, compared case-insensitively as BuildKit does.
     pub fn stage(&self, name: &str) -> Option<&Stage> {
-        self.stages.iter().find(|s| {
-            s.name
-                .as_deref()
-                .is_some_and(|n| n.eq_ignore_ascii_case(name))
-        })
+        self.stages.iter().find(|s| s.name.as_deref().is_some_and(|n| n.eq_ignore_ascii_case(name)))
     }
 }
 
@@ -171,10 +167,7 @@ impl Run {
         if matches!(parse_heredoc_word(cmd), Ok(Some(_))) {
             let data = first.data();
             if data.starts_with("#!") {
-                return Script::Shebang {
-                    name: &first.name,
-                    data,
-                };
+                return Script::Shebang { name: &first.name, data };
             }
             return Script::Inline(data);
         }
@@ -265,10 +258,7 @@ impl Heredoc {
         if !self.chomp {
             return self.content.clone();
         }
-        self.content
-            .split_inclusive('\n')
-            .map(|l| l.trim_start_matches('\t'))
-            .collect()
+        self.content.split_inclusive('\n').map(|l| l.trim_start_matches('\t')).collect()
     }
 }
 
@@ -289,23 +279,12 @@ pub enum Healthcheck {
 /// Parses a Dockerfile.
 pub fn parse(src: &str) -> Result<Dockerfile, ParseError> {
     let lexed = lex(src)?;
-    let mut dockerfile = Dockerfile {
-        escape: lexed.escape,
-        syntax: lexed.syntax,
-        meta_args: Vec::new(),
-        stages: Vec::new(),
-    };
+    let mut dockerfile =
+        Dockerfile { escape: lexed.escape, syntax: lexed.syntax, meta_args: Vec::new(), stages: Vec::new() };
     for node in &lexed.nodes {
-        let at = |message: String| ParseError {
-            line: node.start,
-            message,
-        };
+        let at = |message: String| ParseError { line: node.start, message };
         match parse_node(node, &node.line, lexed.escape).map_err(at)? {
-            Parsed::From {
-                base,
-                name,
-                platform,
-            } => {
+            Parsed::From { base, name, platform } => {
                 if let Some(n) = &name {
                     if dockerfile.stage(n).is_some() {
                         return Err(at(format!("duplicate stage name {:?}", n.to_lowercase())));
@@ -403,11 +382,7 @@ impl Directives {
             "escape" => match value {
                 "\\" => self.escape = '\\',
                 "`" => self.escape = '`',
-                other => {
-                    return Err(format!(
-                        "invalid escape token '{other}' does not match ` or \\"
-                    ))
-                }
+                other => return Err(format!("invalid escape token '{other}' does not match ` or \\")),
             },
             "syntax" => self.syntax = Some(value.to_string()),
             _ => {} // `# check=` configures BuildKit's linter; accepted and ignored.
@@ -441,12 +416,7 @@ fn trim_continuation(line: &str, escape: char) -> (&str, bool) {
 fn lex(src: &str) -> Result<Lexed, ParseError> {
     let src = src.strip_prefix('\u{feff}').unwrap_or(src);
     let mut lines = src.split_inclusive('\n');
-    let mut directives = Directives {
-        done: false,
-        seen: Vec::new(),
-        escape: '\\',
-        syntax: None,
-    };
+    let mut directives = Directives { done: false, seen: Vec::new(), escape: '\\', syntax: None };
     let mut nodes = Vec::new();
     let mut current = 0usize;
     let err = |line: usize, message: String| ParseError { line, message };
@@ -476,10 +446,7 @@ fn lex(src: &str) -> Result<Lexed, ParseError> {
             end_of_line = eol;
         }
         if line.trim().is_empty() {
-            return Err(err(
-                start,
-                "unexpected end of file after line continuation".into(),
-            ));
+            return Err(err(start, "unexpected end of file after line continuation".into()));
         }
 
         let mut heredocs = Vec::new();
@@ -504,21 +471,12 @@ fn lex(src: &str) -> Result<Lexed, ParseError> {
                 heredocs.push(doc);
             }
         }
-        nodes.push(Node {
-            start,
-            end: current,
-            line,
-            heredocs,
-        });
+        nodes.push(Node { start, end: current, line, heredocs });
     }
     if nodes.is_empty() {
         return Err(err(current.max(1), "file with no instructions".into()));
     }
-    Ok(Lexed {
-        escape: directives.escape,
-        syntax: directives.syntax,
-        nodes,
-    })
+    Ok(Lexed { escape: directives.escape, syntax: directives.syntax, nodes })
 }
 
 /// RUN, COPY and ADD (also as ONBUILD triggers) in shell form may carry heredocs.
@@ -534,16 +492,8 @@ fn can_contain_heredoc(line: &str, escape: char) -> bool {
 /// Every heredoc marker among the line's words, in order. BuildKit always lexes this with `\`
 /// as the escape, whatever the escape directive says.
 fn heredocs_from_line(line: &str) -> Result<Vec<Heredoc>, String> {
-    let lex = Lexer {
-        escape: '\\',
-        raw_quotes: true,
-        raw_escapes: true,
-        skip_unset: true,
-    };
-    let words = lex
-        .process(line, &NoEnv)
-        .map(|(_, w)| w)
-        .unwrap_or_default();
+    let lex = Lexer { escape: '\\', raw_quotes: true, raw_escapes: true, skip_unset: true };
+    let words = lex.process(line, &NoEnv).map(|(_, w)| w).unwrap_or_default();
     let mut docs = Vec::new();
     for word in words {
         if let Some(doc) = parse_heredoc_word(&word)? {
@@ -568,12 +518,7 @@ fn parse_heredoc_word(word: &str) -> Result<Option<Heredoc>, String> {
     if rest.is_empty() || rest.contains('<') {
         return Ok(None);
     }
-    let mut lex = Lexer {
-        escape: '\\',
-        raw_quotes: false,
-        raw_escapes: false,
-        skip_unset: true,
-    };
+    let mut lex = Lexer { escape: '\\', raw_quotes: false, raw_escapes: false, skip_unset: true };
     let (_, words) = lex.process(rest, &NoEnv)?;
     if words.len() != 1 {
         return Ok(None);
@@ -581,9 +526,7 @@ fn parse_heredoc_word(word: &str) -> Result<Option<Heredoc>, String> {
     lex.raw_quotes = true;
     let (_, raw_words) = lex.process(rest, &NoEnv)?;
     if raw_words.len() != 1 {
-        return Err(format!(
-            "internal lexing of heredoc produced inconsistent results: {rest}"
-        ));
+        return Err(format!("internal lexing of heredoc produced inconsistent results: {rest}"));
     }
     let quotes = |s: &str| s.chars().filter(|&c| c == '\'' || c == '"').count();
     Ok(Some(Heredoc {
@@ -615,11 +558,7 @@ fn split_command(line: &str, escape: char) -> Split {
         None => (line, ""),
     };
     let (args, flags) = extract_flags(rest, escape);
-    Split {
-        keyword: keyword.to_string(),
-        flags,
-        args: args.trim().to_string(),
-    }
+    Split { keyword: keyword.to_string(), flags, args: args.trim().to_string() }
 }
 
 /// Leading words that start with `--` are flags (quotes removed, escapes applied); a bare `--`
@@ -680,27 +619,21 @@ fn parse_json(rest: &str) -> Result<Option<Vec<String>>, String> {
     if !rest.starts_with('[') {
         return Ok(None);
     }
-    let Ok(serde_json::Value::Array(items)) = serde_json::from_str::<serde_json::Value>(rest)
-    else {
+    let Ok(serde_json::Value::Array(items)) = serde_json::from_str::<serde_json::Value>(rest) else {
         return Ok(None);
     };
     items
         .into_iter()
         .map(|v| match v {
             serde_json::Value::String(s) => Ok(s),
-            _ => {
-                Err("when using JSON array syntax, arrays must be comprised of strings only".into())
-            }
+            _ => Err("when using JSON array syntax, arrays must be comprised of strings only".into()),
         })
         .collect::<Result<Vec<_>, String>>()
         .map(Some)
 }
 
 fn whitespace_words(rest: &str) -> Vec<String> {
-    rest.split(is_blank)
-        .filter(|w| !w.is_empty())
-        .map(str::to_string)
-        .collect()
+    rest.split(is_blank).filter(|w| !w.is_empty()).map(str::to_string).collect()
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -715,20 +648,13 @@ struct Flags(Vec<(&'static str, Vec<String>)>);
 
 impl Flags {
     fn str(&self, name: &str) -> Option<String> {
-        self.0
-            .iter()
-            .find(|(n, _)| *n == name)
-            .and_then(|(_, v)| v.last().cloned())
+        self.0.iter().find(|(n, _)| *n == name).and_then(|(_, v)| v.last().cloned())
     }
     fn bool(&self, name: &str) -> bool {
         self.str(name).as_deref() == Some("true")
     }
     fn strs(&self, name: &str) -> Vec<String> {
-        self.0
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default()
+        self.0.iter().find(|(n, _)| *n == name).map(|(_, v)| v.clone()).unwrap_or_default()
     }
 }
 
@@ -760,10 +686,7 @@ fn parse_flags(given: &[String], spec: &[(&'static str, FlagType)]) -> Result<Fl
                 None | Some("true") => "true".to_string(),
                 Some("false") => "false".to_string(),
                 Some(_) => {
-                    return Err(format!(
-                        "expecting boolean value for flag {flag}, not: {}",
-                        value.unwrap_or_default()
-                    ))
+                    return Err(format!("expecting boolean value for flag {flag}, not: {}", value.unwrap_or_default()))
                 }
             },
             FlagType::Str | FlagType::Strs => match value {
@@ -780,11 +703,7 @@ fn parse_flags(given: &[String], spec: &[(&'static str, FlagType)]) -> Result<Fl
 }
 
 enum Parsed {
-    From {
-        base: String,
-        name: Option<String>,
-        platform: Option<String>,
-    },
+    From { base: String, name: Option<String>, platform: Option<String> },
     Instr(Instruction),
 }
 
@@ -813,11 +732,7 @@ fn parse_node(node: &Node, line: &str, escape: char) -> Result<Parsed, String> {
                     let lower = name.to_lowercase();
                     let mut chars = lower.chars();
                     let valid = chars.next().is_some_and(|c| c.is_ascii_lowercase())
-                        && chars.all(|c| {
-                            c.is_ascii_lowercase()
-                                || c.is_ascii_digit()
-                                || matches!(c, '-' | '_' | '.')
-                        });
+                        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.'));
                     if !valid {
                         return Err(format!(
                             "invalid name for build stage: {name:?}, name can't start with a number or contain symbols"
@@ -827,19 +742,11 @@ fn parse_node(node: &Node, line: &str, escape: char) -> Result<Parsed, String> {
                 }
                 _ => return Err("FROM requires either one or three arguments".into()),
             };
-            return Ok(Parsed::From {
-                base: words[0].clone(),
-                name,
-                platform: f.str("platform"),
-            });
+            return Ok(Parsed::From { base: words[0].clone(), name, platform: f.str("platform") });
         }
         "RUN" => {
             let f = flags(&[("mount", Strs), ("network", Str), ("security", Str)])?;
-            let mounts = f
-                .strs("mount")
-                .iter()
-                .map(|m| parse_mount(m))
-                .collect::<Result<Vec<_>, _>>()?;
+            let mounts = f.strs("mount").iter().map(|m| parse_mount(m)).collect::<Result<Vec<_>, _>>()?;
             let network = f.str("network");
             if let Some(n) = &network {
                 if !matches!(n.as_str(), "default" | "none" | "host") {
@@ -861,13 +768,7 @@ fn parse_node(node: &Node, line: &str, escape: char) -> Result<Parsed, String> {
                 Command::Shell(_) => node.heredocs.clone(),
                 Command::Exec(_) => Vec::new(),
             };
-            Kind::Run(Run {
-                command,
-                mounts,
-                network,
-                security,
-                heredocs,
-            })
+            Kind::Run(Run { command, mounts, network, security, heredocs })
         }
         "CMD" | "ENTRYPOINT" => {
             flags(&[])?;
@@ -884,9 +785,7 @@ fn parse_node(node: &Node, line: &str, escape: char) -> Result<Parsed, String> {
                 Some(Command::Exec(v)) if v.is_empty() => return Err(at_least_one("SHELL")),
                 Some(Command::Exec(v)) => Kind::Shell(v),
                 None => return Err(at_least_one("SHELL")),
-                Some(Command::Shell(_)) => {
-                    return Err("SHELL requires the arguments to be in JSON form".into())
-                }
+                Some(Command::Shell(_)) => return Err("SHELL requires the arguments to be in JSON form".into()),
             }
         }
         "ENV" | "LABEL" => {
@@ -957,14 +856,8 @@ fn parse_node(node: &Node, line: &str, escape: char) -> Result<Parsed, String> {
                 .into_iter()
                 .map(|w| match w.split_once('=') {
                     Some(("", _)) => Err("ARG names can not be blank".to_string()),
-                    Some((k, v)) => Ok(ArgDecl {
-                        name: k.to_string(),
-                        default: Some(v.to_string()),
-                    }),
-                    None => Ok(ArgDecl {
-                        name: w,
-                        default: None,
-                    }),
+                    Some((k, v)) => Ok(ArgDecl { name: k.to_string(), default: Some(v.to_string()) }),
+                    None => Ok(ArgDecl { name: w, default: None }),
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             Kind::Arg(decls)
@@ -1000,9 +893,7 @@ fn parse_node(node: &Node, line: &str, escape: char) -> Result<Parsed, String> {
                 ));
             };
             if parse_heredoc_word(dest).ok().flatten().is_some() {
-                return Err(format!(
-                    "{keyword} cannot accept a heredoc as a destination"
-                ));
+                return Err(format!("{keyword} cannot accept a heredoc as a destination"));
             }
             let mut sources = Vec::new();
             let mut heredocs = Vec::new();
@@ -1044,12 +935,8 @@ fn parse_node(node: &Node, line: &str, escape: char) -> Result<Parsed, String> {
             }
             let trigger = split_command(args, escape).keyword.to_ascii_uppercase();
             match trigger.as_str() {
-                "ONBUILD" => {
-                    return Err("Chaining ONBUILD via `ONBUILD ONBUILD` isn't allowed".into())
-                }
-                "MAINTAINER" | "FROM" => {
-                    return Err(format!("{trigger} isn't allowed as an ONBUILD trigger"))
-                }
+                "ONBUILD" => return Err("Chaining ONBUILD via `ONBUILD ONBUILD` isn't allowed".into()),
+                "MAINTAINER" | "FROM" => return Err(format!("{trigger} isn't allowed as an ONBUILD trigger")),
                 _ => {}
             }
             match parse_node(node, args, escape)? {
@@ -1061,12 +948,7 @@ fn parse_node(node: &Node, line: &str, escape: char) -> Result<Parsed, String> {
         "" => return Err("empty instruction".into()),
         _ => return Err(format!("unknown instruction: {}", split.keyword)),
     };
-    Ok(Parsed::Instr(Instruction {
-        line: node.start,
-        end_line: node.end,
-        text: line.to_string(),
-        kind,
-    }))
+    Ok(Parsed::Instr(Instruction { line: node.start, end_line: node.end, text: line.to_string(), kind }))
 }
 
 /// Exec form for a JSON array of strings, else the raw rest of the line; `None` when empty.
@@ -1098,9 +980,7 @@ fn name_values(rest: &str, keyword: &str, escape: char) -> Result<Vec<(String, S
         .iter()
         .map(|w| match w.split_once('=') {
             Some((k, v)) => Ok((k.to_string(), v.to_string())),
-            None => Err(format!(
-                "Syntax error - can't find = in {w:?}. Must be of the form: name=value"
-            )),
+            None => Err(format!("Syntax error - can't find = in {w:?}. Must be of the form: name=value")),
         })
         .collect()
 }
@@ -1125,22 +1005,14 @@ fn parse_healthcheck(args: &str, given: &[String]) -> Result<Kind, String> {
     use FlagType::Str;
     let f = parse_flags(
         given,
-        &[
-            ("interval", Str),
-            ("timeout", Str),
-            ("start-period", Str),
-            ("start-interval", Str),
-            ("retries", Str),
-        ],
+        &[("interval", Str), ("timeout", Str), ("start-period", Str), ("start-interval", Str), ("retries", Str)],
     )?;
     if typ != "CMD" {
         return Err(format!("Unknown type \"{typ}\" in HEALTHCHECK (try CMD)"));
     }
     let test = match parse_command(rest)? {
         None => return Err("Missing command after HEALTHCHECK CMD".into()),
-        Some(Command::Exec(v)) if v.is_empty() => {
-            return Err("Missing command after HEALTHCHECK CMD".into())
-        }
+        Some(Command::Exec(v)) if v.is_empty() => return Err("Missing command after HEALTHCHECK CMD".into()),
         Some(Command::Exec(v)) => std::iter::once("CMD".to_string()).chain(v).collect(),
         Some(Command::Shell(s)) => vec!["CMD-SHELL".to_string(), s],
     };
@@ -1209,10 +1081,7 @@ fn parse_go_duration(s: &str) -> Result<i128, String> {
         if int_part.is_empty() && frac_part.is_empty() {
             return Err(invalid());
         }
-        let unit_len = after.len()
-            - after
-                .trim_start_matches(|c: char| c != '.' && !c.is_ascii_digit())
-                .len();
+        let unit_len = after.len() - after.trim_start_matches(|c: char| c != '.' && !c.is_ascii_digit()).len();
         let (unit, after) = after.split_at(unit_len);
         let scale: i128 = match unit {
             "" => return Err(format!("time: missing unit in duration {s:?}")),
@@ -1224,11 +1093,7 @@ fn parse_go_duration(s: &str) -> Result<i128, String> {
             "h" => 3_600_000_000_000,
             other => return Err(format!("time: unknown unit {other:?} in duration {s:?}")),
         };
-        let int: i128 = if int_part.is_empty() {
-            0
-        } else {
-            int_part.parse().map_err(|_| invalid())?
-        };
+        let int: i128 = if int_part.is_empty() { 0 } else { int_part.parse().map_err(|_| invalid())? };
         let mut value = int.checked_mul(scale).ok_or_else(invalid)?;
         let mut frac_scale = scale;
         for d in frac_part.chars().take(30) {
@@ -1294,15 +1159,8 @@ fn parse_mount(value: &str) -> Result<RunMount, String> {
                     m.readonly = false;
                     ro_auto = false;
                 }
-                "required" if matches!(m.kind, MountKind::Secret | MountKind::Ssh) => {
-                    m.required = true
-                }
-                "required" => {
-                    return Err(format!(
-                        "unexpected key '{key}' for mount type '{}'",
-                        kind_name(m.kind)
-                    ))
-                }
+                "required" if matches!(m.kind, MountKind::Secret | MountKind::Ssh) => m.required = true,
+                "required" => return Err(format!("unexpected key '{key}' for mount type '{}'", kind_name(m.kind))),
                 _ => return Err(format!("invalid field '{field}' must be a key=value pair")),
             }
             continue;
@@ -1321,10 +1179,7 @@ fn parse_mount(value: &str) -> Result<RunMount, String> {
             "from" => {
                 if let Some(i) = value.find('$') {
                     if i != value.len() - 1 {
-                        return Err(
-                            "'from' doesn't support variable expansion, define alias stage instead"
-                                .into(),
-                        );
+                        return Err("'from' doesn't support variable expansion, define alias stage instead".into());
                     }
                 }
                 m.from = Some(value);
@@ -1341,10 +1196,7 @@ fn parse_mount(value: &str) -> Result<RunMount, String> {
             }
             "required" => {
                 if !matches!(m.kind, MountKind::Secret | MountKind::Ssh) {
-                    return Err(format!(
-                        "unexpected key '{key}' for mount type '{}'",
-                        kind_name(m.kind)
-                    ));
+                    return Err(format!("unexpected key '{key}' for mount type '{}'", kind_name(m.kind)));
                 }
                 if literal(&value) {
                     m.required = parse_bool(&key, &value)?;
@@ -1352,10 +1204,7 @@ fn parse_mount(value: &str) -> Result<RunMount, String> {
             }
             "size" => {
                 if m.kind != MountKind::Tmpfs {
-                    return Err(format!(
-                        "unexpected key '{key}' for mount type '{}'",
-                        kind_name(m.kind)
-                    ));
+                    return Err(format!("unexpected key '{key}' for mount type '{}'", kind_name(m.kind)));
                 }
                 if literal(&value) && !is_ram_size(&value) {
                     return Err(format!("invalid value for {key}: {value}"));
@@ -1364,12 +1213,7 @@ fn parse_mount(value: &str) -> Result<RunMount, String> {
             }
             "id" => m.id = Some(value),
             "sharing" => {
-                if literal(&value)
-                    && !matches!(
-                        value.to_ascii_lowercase().as_str(),
-                        "shared" | "private" | "locked"
-                    )
-                {
+                if literal(&value) && !matches!(value.to_ascii_lowercase().as_str(), "shared" | "private" | "locked") {
                     return Err(format!("unsupported sharing value {value:?}"));
                 }
                 m.sharing = Some(value.to_ascii_lowercase());
@@ -1395,10 +1239,7 @@ fn parse_mount(value: &str) -> Result<RunMount, String> {
         }
     }
     let kind = kind_name(m.kind);
-    if !matches!(
-        m.kind,
-        MountKind::Secret | MountKind::Ssh | MountKind::Cache
-    ) {
+    if !matches!(m.kind, MountKind::Secret | MountKind::Ssh | MountKind::Cache) {
         for (set, what) in [(&m.mode, "mode"), (&m.uid, "uid"), (&m.gid, "gid")] {
             if set.is_some() {
                 return Err(format!("{what} not allowed for {kind:?} type mounts"));
@@ -1430,14 +1271,9 @@ fn parse_mount(value: &str) -> Result<RunMount, String> {
 
 /// docker/go-units `RAMInBytes` syntax: `^(\d+(\.\d+)*) ?([kKmMgGtTpP])?[iI]?[bB]?$`.
 fn is_ram_size(v: &str) -> bool {
-    let num_len = v.len()
-        - v.trim_start_matches(|c: char| c.is_ascii_digit() || c == '.')
-            .len();
+    let num_len = v.len() - v.trim_start_matches(|c: char| c.is_ascii_digit() || c == '.').len();
     let (num, rest) = v.split_at(num_len);
-    let num_ok = !num.is_empty()
-        && num
-            .split('.')
-            .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+    let num_ok = !num.is_empty() && num.split('.').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
     let mut rest = rest.strip_prefix(' ').unwrap_or(rest);
     for set in ["kKmMgGtTpP", "iI", "bB"] {
         if let Some(c) = rest.chars().next().filter(|c| set.contains(*c)) {
@@ -1449,10 +1285,7 @@ fn is_ram_size(v: &str) -> bool {
 
 /// One CSV record (strict quotes), as tonistiigi/go-csvvalue `Fields`.
 fn csv_fields(line: &str) -> Result<Vec<String>, String> {
-    let line = line
-        .strip_suffix("\r\n")
-        .or_else(|| line.strip_suffix('\n'))
-        .unwrap_or(line);
+    let line = line.strip_suffix("\r\n").or_else(|| line.strip_suffix('\n')).unwrap_or(line);
     if line.is_empty() {
         return Err("EOF".into());
     }
@@ -1523,9 +1356,7 @@ mod tests {
     }
 
     fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
-        v.iter()
-            .map(|(a, b)| (a.to_string(), b.to_string()))
-            .collect()
+        v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
     }
 
     #[test]
@@ -1537,30 +1368,16 @@ mod tests {
     }
 
     fn run_shell(s: &str) -> Run {
-        Run {
-            command: Command::Shell(s.into()),
-            mounts: vec![],
-            network: None,
-            security: None,
-            heredocs: vec![],
-        }
+        Run { command: Command::Shell(s.into()), mounts: vec![], network: None, security: None, heredocs: vec![] }
     }
 
     #[test]
     fn continuations_comments_and_empty_lines() {
         let src = "FROM scratch\nRUN apt-get update \\\n  # a comment\n\n   && apt-get install -y \\\n     curl\nUSER nobody\n";
         let all = instrs(src);
-        assert_eq!(
-            all[0].kind,
-            Kind::Run(run_shell(
-                "apt-get update    && apt-get install -y      curl"
-            ))
-        );
+        assert_eq!(all[0].kind, Kind::Run(run_shell("apt-get update    && apt-get install -y      curl")));
         assert_eq!((all[0].line, all[0].end_line), (2, 6));
-        assert_eq!(
-            all[0].text,
-            "RUN apt-get update    && apt-get install -y      curl"
-        );
+        assert_eq!(all[0].text, "RUN apt-get update    && apt-get install -y      curl");
         assert_eq!(all[1].line, 7);
         // Trailing blanks after the escape still continue the line.
         assert_eq!(kind("RUN a \\  \t\n b"), Kind::Run(run_shell("a  b")));
@@ -1590,8 +1407,7 @@ mod tests {
 
     #[test]
     fn directives_only_at_the_top() {
-        let df = parse("# syntax=docker/dockerfile:1.7\n# check=skip=all\n#escape=\\\nFROM a\n")
-            .unwrap();
+        let df = parse("# syntax=docker/dockerfile:1.7\n# check=skip=all\n#escape=\\\nFROM a\n").unwrap();
         assert_eq!(df.syntax.as_deref(), Some("docker/dockerfile:1.7"));
         assert_eq!(df.escape, '\\');
         // After a comment, a blank line or an instruction they are plain comments.
@@ -1602,10 +1418,7 @@ mod tests {
         assert_eq!(e.line, 1);
         assert!(e.message.contains("invalid escape token 'x'"), "{e}");
         let e = error("# escape=`\n# escape=`\nFROM a\n");
-        assert_eq!(
-            (e.line, e.message.as_str()),
-            (2, "only one escape parser directive can be used")
-        );
+        assert_eq!((e.line, e.message.as_str()), (2, "only one escape parser directive can be used"));
         assert_eq!(parse("\u{feff}# escape=`\nFROM a\n").unwrap().escape, '`');
     }
 
@@ -1616,14 +1429,8 @@ mod tests {
         assert_eq!(
             df.meta_args,
             vec![
-                ArgDecl {
-                    name: "BASE".into(),
-                    default: Some("alpine:3.19".into())
-                },
-                ArgDecl {
-                    name: "V".into(),
-                    default: None
-                },
+                ArgDecl { name: "BASE".into(), default: Some("alpine:3.19".into()) },
+                ArgDecl { name: "V".into(), default: None },
             ]
         );
         assert_eq!(df.stages[0].base, "${BASE}");
@@ -1640,12 +1447,8 @@ mod tests {
         let e = error("FROM a AS x\nFROM b AS X\n");
         assert_eq!(e.line, 2);
         assert!(e.message.contains("duplicate stage name"), "{e}");
-        assert!(error("FROM a AS 1x\n")
-            .message
-            .contains("invalid name for build stage"));
-        assert!(error("FROM a AS b$c\n")
-            .message
-            .contains("invalid name for build stage"));
+        assert!(error("FROM a AS 1x\n").message.contains("invalid name for build stage"));
+        assert!(error("FROM a AS b$c\n").message.contains("invalid name for build stage"));
     }
 
     #[test]
@@ -1676,20 +1479,13 @@ mod tests {
                 assert!(r.heredocs[0].chomp);
                 assert_eq!(r.heredocs[0].content, "\tquoted $X\n");
                 assert_eq!(r.heredocs[0].data(), "quoted $X\n");
-                assert_eq!(
-                    r.script(),
-                    Script::Reconstituted("<<-\"EOT\" bash\n\tquoted $X\nEOT".into())
-                );
+                assert_eq!(r.script(), Script::Reconstituted("<<-\"EOT\" bash\n\tquoted $X\nEOT".into()));
             }
             other => panic!("{other:?}"),
         }
         match &all[2].kind {
             Kind::Run(r) => {
-                let names: Vec<_> = r
-                    .heredocs
-                    .iter()
-                    .map(|h| (h.name.as_str(), h.expand))
-                    .collect();
+                let names: Vec<_> = r.heredocs.iter().map(|h| (h.name.as_str(), h.expand)).collect();
                 assert_eq!(names, vec![("A", true), ("B", false)]);
                 assert_eq!(r.heredocs[1].content, "b1\n");
             }
@@ -1704,10 +1500,7 @@ mod tests {
         match kind("RUN <<EOF\n#!/usr/bin/env python3\nprint(1)\nEOF") {
             Kind::Run(r) => assert_eq!(
                 r.script(),
-                Script::Shebang {
-                    name: "EOF",
-                    data: "#!/usr/bin/env python3\nprint(1)\n".into()
-                }
+                Script::Shebang { name: "EOF", data: "#!/usr/bin/env python3\nprint(1)\n".into() }
             ),
             other => panic!("{other:?}"),
         }
@@ -1729,12 +1522,7 @@ mod tests {
                 assert_eq!(c.dest, "/x");
                 assert_eq!(
                     c.heredocs,
-                    vec![Heredoc {
-                        name: "EOF".into(),
-                        content: "hello $NAME\n".into(),
-                        expand: true,
-                        chomp: false
-                    }]
+                    vec![Heredoc { name: "EOF".into(), content: "hello $NAME\n".into(), expand: true, chomp: false }]
                 );
             }
             other => panic!("{other:?}"),
@@ -1757,7 +1545,9 @@ mod tests {
 
     #[test]
     fn copy_and_add_flags() {
-        match kind("COPY --chown=1000:1000 --chmod=755 --link --from=builder --exclude=*.md --exclude=x --parents a b /dst/") {
+        match kind(
+            "COPY --chown=1000:1000 --chmod=755 --link --from=builder --exclude=*.md --exclude=x --parents a b /dst/",
+        ) {
             Kind::Copy(c) => {
                 assert_eq!(c.sources, strs(&["a", "b"]));
                 assert_eq!(c.dest, "/dst/");
@@ -1789,16 +1579,10 @@ mod tests {
             other => panic!("{other:?}"),
         }
         for (src, msg) in [
-            (
-                "COPY --from=a --from=b x y",
-                "duplicate flag specified: --from",
-            ),
+            ("COPY --from=a --from=b x y", "duplicate flag specified: --from"),
             ("COPY --chown x y", "missing a value on flag: --chown"),
             ("COPY --link= x y", "missing a value on flag: --link"),
-            (
-                "COPY --link=maybe x y",
-                "expecting boolean value for flag --link, not: maybe",
-            ),
+            ("COPY --link=maybe x y", "expecting boolean value for flag --link, not: maybe"),
             ("COPY --checksum=x a b", "unknown flag: --checksum"),
             ("ADD --from=x a b", "unknown flag: --from"),
             ("COPY onlyone", "COPY requires at least two arguments"),
@@ -1816,14 +1600,8 @@ mod tests {
             kind("ENV A=\"a b\" B='c d' C=e\\ f"),
             Kind::Env(pairs(&[("A", "\"a b\""), ("B", "'c d'"), ("C", "e\\ f")]))
         );
-        assert_eq!(
-            kind("ENV X hello world"),
-            Kind::Env(pairs(&[("X", "hello world")]))
-        );
-        assert_eq!(
-            kind("env X  \"quoted  value\""),
-            Kind::Env(pairs(&[("X", "\"quoted  value\"")]))
-        );
+        assert_eq!(kind("ENV X hello world"), Kind::Env(pairs(&[("X", "hello world")])));
+        assert_eq!(kind("env X  \"quoted  value\""), Kind::Env(pairs(&[("X", "\"quoted  value\"")])));
         assert_eq!(kind("ENV E="), Kind::Env(pairs(&[("E", "")])));
         assert_eq!(
             kind("LABEL org.opencontainers.image.title=\"My App\" version=1.0 \"quoted key\"=v"),
@@ -1833,10 +1611,7 @@ mod tests {
                 ("\"quoted key\"", "v"),
             ]))
         );
-        assert_eq!(
-            kind("LABEL legacy value here"),
-            Kind::Label(pairs(&[("legacy", "value here")]))
-        );
+        assert_eq!(kind("LABEL legacy value here"), Kind::Label(pairs(&[("legacy", "value here")])));
         for (src, msg) in [
             ("ENV", "ENV requires at least one argument"),
             ("ENV ONLY", "ENV must have two arguments"),
@@ -1857,54 +1632,27 @@ mod tests {
             kind("CMD [\"nginx\", \"-g\", \"daemon off;\"]"),
             Kind::Cmd(Command::Exec(strs(&["nginx", "-g", "daemon off;"])))
         );
-        assert_eq!(
-            kind("CMD nginx -g 'daemon off;'"),
-            Kind::Cmd(Command::Shell("nginx -g 'daemon off;'".into()))
-        );
+        assert_eq!(kind("CMD nginx -g 'daemon off;'"), Kind::Cmd(Command::Shell("nginx -g 'daemon off;'".into())));
         // Invalid JSON (single quotes, trailing text) is the shell form, as Docker.
         assert_eq!(kind("CMD ['a']"), Kind::Cmd(Command::Shell("['a']".into())));
-        assert_eq!(
-            kind("ENTRYPOINT [\"a\"] b"),
-            Kind::Entrypoint(Command::Shell("[\"a\"] b".into()))
-        );
-        assert_eq!(
-            kind("ENTRYPOINT []"),
-            Kind::Entrypoint(Command::Exec(vec![]))
-        );
+        assert_eq!(kind("ENTRYPOINT [\"a\"] b"), Kind::Entrypoint(Command::Shell("[\"a\"] b".into())));
+        assert_eq!(kind("ENTRYPOINT []"), Kind::Entrypoint(Command::Exec(vec![])));
         assert_eq!(
             kind("RUN [ \"echo\" , \"\\u0041\" ]"),
-            Kind::Run(Run {
-                command: Command::Exec(strs(&["echo", "A"])),
-                ..run_shell("")
-            })
+            Kind::Run(Run { command: Command::Exec(strs(&["echo", "A"])), ..run_shell("") })
         );
-        assert_eq!(
-            kind("SHELL [\"powershell\", \"-command\"]"),
-            Kind::Shell(strs(&["powershell", "-command"]))
-        );
-        assert_eq!(
-            kind("VOLUME [\"/a\", \"/b\"]"),
-            Kind::Volume(strs(&["/a", "/b"]))
-        );
+        assert_eq!(kind("SHELL [\"powershell\", \"-command\"]"), Kind::Shell(strs(&["powershell", "-command"])));
+        assert_eq!(kind("VOLUME [\"/a\", \"/b\"]"), Kind::Volume(strs(&["/a", "/b"])));
         assert_eq!(kind("VOLUME /a /b"), Kind::Volume(strs(&["/a", "/b"])));
-        assert_eq!(
-            kind("EXPOSE 80 443/tcp $PORT"),
-            Kind::Expose(strs(&["80", "443/tcp", "$PORT"]))
-        );
+        assert_eq!(kind("EXPOSE 80 443/tcp $PORT"), Kind::Expose(strs(&["80", "443/tcp", "$PORT"])));
         for (src, msg) in [
             ("CMD [1, 2]", "arrays must be comprised of strings only"),
-            (
-                "SHELL /bin/bash -c",
-                "SHELL requires the arguments to be in JSON form",
-            ),
+            ("SHELL /bin/bash -c", "SHELL requires the arguments to be in JSON form"),
             ("SHELL []", "SHELL requires at least one argument"),
             ("CMD", "CMD requires at least one argument"),
             ("RUN", "RUN requires at least one argument"),
             ("RUN []", "RUN requires at least one argument"),
-            (
-                "VOLUME [\"\"]",
-                "VOLUME specified can not be an empty string",
-            ),
+            ("VOLUME [\"\"]", "VOLUME specified can not be an empty string"),
             ("EXPOSE", "EXPOSE requires at least one argument"),
             ("CMD --x a", "unknown flag: --x"),
         ] {
@@ -1918,29 +1666,14 @@ mod tests {
     fn single_value_instructions() {
         assert_eq!(kind("USER 1000:1000"), Kind::User("1000:1000".into()));
         assert_eq!(kind("WORKDIR /app dir"), Kind::Workdir("/app dir".into()));
-        assert_eq!(
-            kind("STOPSIGNAL SIGTERM"),
-            Kind::StopSignal("SIGTERM".into())
-        );
-        assert_eq!(
-            kind("MAINTAINER me <me@x>"),
-            Kind::Maintainer("me <me@x>".into())
-        );
+        assert_eq!(kind("STOPSIGNAL SIGTERM"), Kind::StopSignal("SIGTERM".into()));
+        assert_eq!(kind("MAINTAINER me <me@x>"), Kind::Maintainer("me <me@x>".into()));
         assert_eq!(
             kind("ARG A B=\"x y\" C="),
             Kind::Arg(vec![
-                ArgDecl {
-                    name: "A".into(),
-                    default: None
-                },
-                ArgDecl {
-                    name: "B".into(),
-                    default: Some("\"x y\"".into())
-                },
-                ArgDecl {
-                    name: "C".into(),
-                    default: Some("".into())
-                },
+                ArgDecl { name: "A".into(), default: None },
+                ArgDecl { name: "B".into(), default: Some("\"x y\"".into()) },
+                ArgDecl { name: "C".into(), default: Some("".into()) },
             ])
         );
         for (src, msg) in [
@@ -1957,10 +1690,7 @@ mod tests {
 
     #[test]
     fn healthcheck() {
-        assert_eq!(
-            kind("HEALTHCHECK NONE"),
-            Kind::Healthcheck(Healthcheck::None)
-        );
+        assert_eq!(kind("HEALTHCHECK NONE"), Kind::Healthcheck(Healthcheck::None));
         assert_eq!(
             kind("HEALTHCHECK --interval=30s --timeout=1m30s --start-period=1.5s --start-interval=500ms --retries=3 CMD curl -f http://localhost/ || exit 1"),
             Kind::Healthcheck(Healthcheck::Check {
@@ -1988,23 +1718,11 @@ mod tests {
             ("HEALTHCHECK NONE x", "HEALTHCHECK NONE takes no arguments"),
             ("HEALTHCHECK --interval=1s NONE", "unknown flag: --interval"),
             ("HEALTHCHECK CMD", "Missing command after HEALTHCHECK CMD"),
-            (
-                "HEALTHCHECK RUN x",
-                "Unknown type \"RUN\" in HEALTHCHECK (try CMD)",
-            ),
-            (
-                "HEALTHCHECK --interval=10 CMD x",
-                "missing unit in duration",
-            ),
+            ("HEALTHCHECK RUN x", "Unknown type \"RUN\" in HEALTHCHECK (try CMD)"),
+            ("HEALTHCHECK --interval=10 CMD x", "missing unit in duration"),
             ("HEALTHCHECK --interval=1x CMD x", "unknown unit"),
-            (
-                "HEALTHCHECK --timeout=10us CMD x",
-                "Interval \"timeout\" cannot be less than 1ms",
-            ),
-            (
-                "HEALTHCHECK --retries=-1 CMD x",
-                "--retries cannot be negative (-1)",
-            ),
+            ("HEALTHCHECK --timeout=10us CMD x", "Interval \"timeout\" cannot be less than 1ms"),
+            ("HEALTHCHECK --retries=-1 CMD x", "--retries cannot be negative (-1)"),
             ("HEALTHCHECK --retries=x CMD x", "invalid syntax"),
             ("HEALTHCHECK --foo=1 CMD x", "unknown flag: --foo"),
         ] {
@@ -2035,15 +1753,9 @@ mod tests {
         }
         for (src, msg) in [
             ("ONBUILD", "ONBUILD requires at least one argument"),
-            (
-                "ONBUILD ONBUILD RUN x",
-                "Chaining ONBUILD via `ONBUILD ONBUILD` isn't allowed",
-            ),
+            ("ONBUILD ONBUILD RUN x", "Chaining ONBUILD via `ONBUILD ONBUILD` isn't allowed"),
             ("ONBUILD from x", "FROM isn't allowed as an ONBUILD trigger"),
-            (
-                "ONBUILD MAINTAINER x",
-                "MAINTAINER isn't allowed as an ONBUILD trigger",
-            ),
+            ("ONBUILD MAINTAINER x", "MAINTAINER isn't allowed as an ONBUILD trigger"),
             ("ONBUILD FOO x", "unknown instruction: FOO"),
         ] {
             let e = error(&format!("FROM a\n{src}\n"));
@@ -2059,10 +1771,7 @@ mod tests {
             other => panic!("{other:?}"),
         };
         assert_eq!(r.command, Command::Shell("make".into()));
-        assert_eq!(
-            (r.network.as_deref(), r.security.as_deref()),
-            (Some("none"), Some("insecure"))
-        );
+        assert_eq!((r.network.as_deref(), r.security.as_deref()), (Some("none"), Some("insecure")));
         let m = &r.mounts;
         assert_eq!(m.len(), 6);
         assert_eq!(m[0].kind, MountKind::Cache);
@@ -2070,11 +1779,7 @@ mod tests {
         assert_eq!(m[0].id.as_deref(), Some("pip"));
         assert_eq!(m[0].sharing.as_deref(), Some("locked"));
         assert_eq!(
-            (
-                m[0].mode.as_deref(),
-                m[0].uid.as_deref(),
-                m[0].gid.as_deref()
-            ),
+            (m[0].mode.as_deref(), m[0].uid.as_deref(), m[0].gid.as_deref()),
             (Some("0755"), Some("1000"), Some("1000"))
         );
         assert!(!m[0].readonly);
@@ -2083,14 +1788,8 @@ mod tests {
             (MountKind::Bind, Some("."), Some("builder"))
         );
         assert!(!m[1].readonly);
-        assert_eq!(
-            (m[2].kind, m[2].size.as_deref()),
-            (MountKind::Tmpfs, Some("64m"))
-        );
-        assert_eq!(
-            (m[3].kind, m[3].env.as_deref(), m[3].required),
-            (MountKind::Secret, Some("TOKEN"), true)
-        );
+        assert_eq!((m[2].kind, m[2].size.as_deref()), (MountKind::Tmpfs, Some("64m")));
+        assert_eq!((m[3].kind, m[3].env.as_deref(), m[3].required), (MountKind::Secret, Some("TOKEN"), true));
         assert!(m[3].readonly);
         assert_eq!((m[4].kind, m[4].required), (MountKind::Ssh, true));
         assert_eq!((m[5].kind, m[5].readonly), (MountKind::Bind, true));
@@ -2104,75 +1803,24 @@ mod tests {
             .message
             .contains("invalid field 'b' must be a key=value pair"));
         for (flag, msg) in [
-            (
-                "--mount=type=nfs,target=/x",
-                "unsupported mount type \"nfs\"",
-            ),
-            (
-                "--mount=type=cache,target=/x,colour=red",
-                "unexpected key 'colour' in 'colour=red'",
-            ),
-            (
-                "--mount=type=cache,bogus",
-                "invalid field 'bogus' must be a key=value pair",
-            ),
-            (
-                "--mount=required,type=secret,id=x",
-                "unexpected key 'required' for mount type 'bind'",
-            ),
-            (
-                "--mount=type=bind,target=/x,size=1m",
-                "unexpected key 'size' for mount type 'bind'",
-            ),
-            (
-                "--mount=type=tmpfs,target=/x,size=lots",
-                "invalid value for size: lots",
-            ),
-            (
-                "--mount=type=cache,target=/x,sharing=yes",
-                "unsupported sharing value \"yes\"",
-            ),
-            (
-                "--mount=type=cache,target=/x,mode=9",
-                "invalid value 9 for mode",
-            ),
-            (
-                "--mount=type=cache,target=/x,uid=me",
-                "invalid value me for uid",
-            ),
-            (
-                "--mount=type=bind,target=/x,uid=1",
-                "uid not allowed for \"bind\" type mounts",
-            ),
-            (
-                "--mount=type=bind,target=/x,ro=maybe",
-                "invalid value for ro: maybe",
-            ),
-            (
-                "--mount=type=secret",
-                "invalid secret mount. one of source, target required",
-            ),
-            (
-                "--mount=type=secret,id=a,source=b",
-                "both source and id can't be set",
-            ),
-            (
-                "--mount=type=secret,id=a,from=b",
-                "secret mount should not have a from",
-            ),
-            (
-                "--mount=type=bind,target=/x,sharing=shared",
-                "invalid cache sharing set for bind mount",
-            ),
-            (
-                "--mount=type=bind,from=$STAGE,target=/x",
-                "doesn't support variable expansion",
-            ),
+            ("--mount=type=nfs,target=/x", "unsupported mount type \"nfs\""),
+            ("--mount=type=cache,target=/x,colour=red", "unexpected key 'colour' in 'colour=red'"),
+            ("--mount=type=cache,bogus", "invalid field 'bogus' must be a key=value pair"),
+            ("--mount=required,type=secret,id=x", "unexpected key 'required' for mount type 'bind'"),
+            ("--mount=type=bind,target=/x,size=1m", "unexpected key 'size' for mount type 'bind'"),
+            ("--mount=type=tmpfs,target=/x,size=lots", "invalid value for size: lots"),
+            ("--mount=type=cache,target=/x,sharing=yes", "unsupported sharing value \"yes\""),
+            ("--mount=type=cache,target=/x,mode=9", "invalid value 9 for mode"),
+            ("--mount=type=cache,target=/x,uid=me", "invalid value me for uid"),
+            ("--mount=type=bind,target=/x,uid=1", "uid not allowed for \"bind\" type mounts"),
+            ("--mount=type=bind,target=/x,ro=maybe", "invalid value for ro: maybe"),
+            ("--mount=type=secret", "invalid secret mount. one of source, target required"),
+            ("--mount=type=secret,id=a,source=b", "both source and id can't be set"),
+            ("--mount=type=secret,id=a,from=b", "secret mount should not have a from"),
+            ("--mount=type=bind,target=/x,sharing=shared", "invalid cache sharing set for bind mount"),
+            ("--mount=type=bind,from=$STAGE,target=/x", "doesn't support variable expansion"),
             ("--mount=", "failed to parse csv mounts"),
-            (
-                r#"--mount=type=bind,tar\"get=/x"#,
-                "failed to parse csv mounts",
-            ),
+            (r#"--mount=type=bind,tar\"get=/x"#, "failed to parse csv mounts"),
             ("--network=bridge", "invalid network mode \"bridge\""),
             ("--security=root", "security \"root\" is not valid"),
             ("--device=/dev/x", "unknown flag: --device"),
@@ -2194,20 +1842,12 @@ mod tests {
             ("", 1, "file with no instructions"),
             ("# only a comment\n\n", 2, "file with no instructions"),
             ("FROM\n", 1, "FROM requires either one or three arguments"),
-            (
-                "FROM a b\n",
-                1,
-                "FROM requires either one or three arguments",
-            ),
+            ("FROM a b\n", 1, "FROM requires either one or three arguments"),
             ("FROM --flavour=x a\n", 1, "unknown flag: --flavour"),
             ("RUN x\nFROM a\n", 1, "no build stage in current context"),
             ("ARG A\n", 1, "dockerfile contains no stages to build"),
             ("FROM a\nFROB x\n", 2, "unknown instruction: FROB"),
-            (
-                "FROM a\n\\\n",
-                2,
-                "unexpected end of file after line continuation",
-            ),
+            ("FROM a\n\\\n", 2, "unexpected end of file after line continuation"),
         ] {
             let e = error(src);
             assert_eq!(e.line, line, "{src:?}: {e}");
@@ -2217,14 +1857,7 @@ mod tests {
         // is accepted as BuildKit does.
         let all = instrs("FROM a\nRUN x\nUSER u \\\n\n# c\n");
         assert_eq!(all[1].kind, Kind::User("u".into()));
-        assert_eq!(
-            ParseError {
-                line: 4,
-                message: "boom".into()
-            }
-            .to_string(),
-            "line 4: boom"
-        );
+        assert_eq!(ParseError { line: 4, message: "boom".into() }.to_string(), "line 4: boom");
     }
 
     #[test]

@@ -75,13 +75,8 @@ impl Ignore {
             if cleaned.len() > 1 && cleaned.starts_with('/') {
                 cleaned.remove(0);
             }
-            validate(&cleaned)
-                .map_err(|e| format!("invalid .dockerignore pattern {line:?}: {e}"))?;
-            patterns.push(Pattern {
-                matcher: compile(&cleaned),
-                text: cleaned,
-                exclusion,
-            });
+            validate(&cleaned).map_err(|e| format!("invalid .dockerignore pattern {line:?}: {e}"))?;
+            patterns.push(Pattern { matcher: compile(&cleaned), text: cleaned, exclusion });
         }
         Ok(Ignore { patterns })
     }
@@ -107,8 +102,7 @@ impl Ignore {
             if p.exclusion != matched {
                 continue;
             }
-            let hit =
-                p.matches(&path) || (1..=parents.len()).any(|n| p.matches(&parents[..n].join("/")));
+            let hit = p.matches(&path) || (1..=parents.len()).any(|n| p.matches(&parents[..n].join("/")));
             if hit {
                 matched = !p.exclusion;
             }
@@ -122,15 +116,8 @@ impl Ignore {
     pub fn may_include_under(&self, rel_dir: &str) -> bool {
         let dir = clean(rel_dir);
         let dir = dir.trim_start_matches('/');
-        let dir_parts: Vec<&str> = if dir == "." || dir.is_empty() {
-            Vec::new()
-        } else {
-            dir.split('/').collect()
-        };
-        self.patterns
-            .iter()
-            .filter(|p| p.exclusion)
-            .any(|p| could_match_under(&p.text, &dir_parts))
+        let dir_parts: Vec<&str> = if dir == "." || dir.is_empty() { Vec::new() } else { dir.split('/').collect() };
+        self.patterns.iter().filter(|p| p.exclusion).any(|p| could_match_under(&p.text, &dir_parts))
     }
 }
 
@@ -162,8 +149,7 @@ impl Pattern {
             Matcher::Exact => path == self.text,
             Matcher::Prefix(prefix) => path.starts_with(prefix.as_str()),
             Matcher::Suffix(suffix) => {
-                path.ends_with(suffix.as_str())
-                    || suffix.strip_prefix('/').is_some_and(|s| path == s)
+                path.ends_with(suffix.as_str()) || suffix.strip_prefix('/').is_some_and(|s| path == s)
             }
             Matcher::Glob(toks) => glob(toks, &path.chars().collect::<Vec<_>>()),
         }
@@ -362,8 +348,7 @@ fn glob_at(
         Tok::Lit(c) => s.get(i) == Some(c) && glob_at(toks, t + 1, s, i + 1, failed),
         Tok::One => s.get(i).is_some_and(|&c| c != '/') && glob_at(toks, t + 1, s, i + 1, failed),
         Tok::Class { negated, ranges } => {
-            s.get(i)
-                .is_some_and(|&c| ranges.iter().any(|&(lo, hi)| lo <= c && c <= hi) != *negated)
+            s.get(i).is_some_and(|&c| ranges.iter().any(|&(lo, hi)| lo <= c && c <= hi) != *negated)
                 && glob_at(toks, t + 1, s, i + 1, failed)
         }
         Tok::Star => {
@@ -413,11 +398,7 @@ mod tests {
             ("**/*.go", "c.go", true),
             ("**/*.go", "c.gox", false),
             ("**/node_modules", "node_modules/x", true),
-            (
-                "**/node_modules",
-                "web/node_modules/left-pad/index.js",
-                true,
-            ),
+            ("**/node_modules", "web/node_modules/left-pad/index.js", true),
             ("a/**/b", "a/b", true),
             ("a/**/b", "a/x/y/b", true),
             ("a/**/b", "a/x/yb", false),
@@ -442,11 +423,7 @@ mod tests {
             ("#comment\nkept", "#comment", false),
             ("*.log\n!important.log", "important.log", false),
             ("*.log\n!important.log", "debug.log", true),
-            (
-                "*.log\n!important.log\nimportant.log",
-                "important.log",
-                true,
-            ),
+            ("*.log\n!important.log\nimportant.log", "important.log", true),
             ("docs\n!docs/keep.md", "docs/keep.md", false),
             ("docs\n!docs/keep.md", "docs/other.md", true),
             ("docs\n!docs/keep", "docs/keep/deep/file", false),
@@ -456,11 +433,7 @@ mod tests {
             ("*", ".", false),
         ];
         for (patterns, path, want) in cases {
-            assert_eq!(
-                ig(patterns).matches(path),
-                *want,
-                "{patterns:?} on {path:?}"
-            );
+            assert_eq!(ig(patterns).matches(path), *want, "{patterns:?} on {path:?}");
         }
     }
 
@@ -470,15 +443,9 @@ mod tests {
             let e = Ignore::parse(&format!("ok\n{p}\n")).unwrap_err();
             assert!(e.contains(p), "{p}: {e}");
         }
-        assert_eq!(
-            Ignore::parse("!").unwrap_err(),
-            "illegal exclusion pattern: \"!\""
-        );
+        assert_eq!(Ignore::parse("!").unwrap_err(), "illegal exclusion pattern: \"!\"");
         assert!(Ignore::parse("! ").is_err());
-        assert!(Ignore::parse("\u{feff}# c\n\n  \n")
-            .unwrap()
-            .patterns
-            .is_empty());
+        assert!(Ignore::parse("\u{feff}# c\n\n  \n").unwrap().patterns.is_empty());
     }
 
     #[test]
@@ -498,14 +465,9 @@ mod tests {
 
     #[test]
     fn clean_like_go() {
-        for (input, want) in [
-            ("", "."),
-            ("a//b/./c/", "a/b/c"),
-            ("a/../..", ".."),
-            ("/../x", "/x"),
-            ("./", "."),
-            ("/", "/"),
-        ] {
+        for (input, want) in
+            [("", "."), ("a//b/./c/", "a/b/c"), ("a/../..", ".."), ("/../x", "/x"), ("./", "."), ("/", "/")]
+        {
             assert_eq!(clean(input), want, "{input}");
         }
     }

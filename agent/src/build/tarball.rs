@@ -15,8 +15,7 @@ use std::path::{Path, PathBuf};
 const OPAQUE: &str = "trusted.overlay.opaque";
 /// Xattrs a layer carries (as the unpacker accepts them).
 fn wanted_xattr(name: &[u8]) -> bool {
-    !name.starts_with(b"trusted.overlay.")
-        && (name.starts_with(b"user.") || name == b"security.capability")
+    !name.starts_with(b"trusted.overlay.") && (name.starts_with(b"user.") || name == b"security.capability")
 }
 
 /// One entry of a layer being built from pieces.

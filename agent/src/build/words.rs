@@ -55,9 +55,7 @@ pub fn process_word(word: &str, env: &dyn Env, escape: char) -> Result<String, S
 /// whitespace that came out of an expansion), as BuildKit's `ProcessWords`. Empty fields are
 /// dropped, even quoted ones (`""`), exactly as BuildKit does.
 pub fn process_words(word: &str, env: &dyn Env, escape: char) -> Result<Vec<String>, String> {
-    Lexer::new(escape)
-        .process(word, env)
-        .map(|(_, words)| words)
+    Lexer::new(escape).process(word, env).map(|(_, words)| words)
 }
 
 /// Splits an instruction's arguments into words on whitespace, keeping quotes and escapes in
@@ -155,28 +153,13 @@ pub(crate) struct Lexer {
 
 impl Lexer {
     pub(crate) fn new(escape: char) -> Lexer {
-        Lexer {
-            escape,
-            raw_quotes: false,
-            raw_escapes: false,
-            skip_unset: false,
-        }
+        Lexer { escape, raw_quotes: false, raw_escapes: false, skip_unset: false }
     }
 
     /// Returns the processed word and its fields.
-    pub(crate) fn process(
-        self,
-        word: &str,
-        env: &dyn Env,
-    ) -> Result<(String, Vec<String>), String> {
-        let mut scan = Scan {
-            chars: word.chars().collect(),
-            pos: 0,
-            env,
-            lex: self,
-        };
-        scan.stop_on(None, self.raw_escapes)
-            .map_err(|e| format!("failed to process {word:?}: {e}"))
+    pub(crate) fn process(self, word: &str, env: &dyn Env) -> Result<(String, Vec<String>), String> {
+        let mut scan = Scan { chars: word.chars().collect(), pos: 0, env, lex: self };
+        scan.stop_on(None, self.raw_escapes).map_err(|e| format!("failed to process {word:?}: {e}"))
     }
 }
 
@@ -299,9 +282,7 @@ impl Scan<'_> {
             }
         }
         if let Some(stop) = stop {
-            return Err(format!(
-                "unexpected end of statement while looking for matching {stop}"
-            ));
+            return Err(format!("unexpected end of statement while looking for matching {stop}"));
         }
         Ok((result, fields.finish()))
     }
@@ -315,12 +296,7 @@ impl Scan<'_> {
         }
         loop {
             match self.next() {
-                None => {
-                    return Err(
-                        "unexpected end of statement while looking for matching single-quote"
-                            .into(),
-                    )
-                }
+                None => return Err("unexpected end of statement while looking for matching single-quote".into()),
                 Some('\'') => {
                     if self.lex.raw_quotes {
                         out.push('\'');
@@ -342,12 +318,7 @@ impl Scan<'_> {
         }
         loop {
             match self.peek() {
-                None => {
-                    return Err(
-                        "unexpected end of statement while looking for matching double-quote"
-                            .into(),
-                    )
-                }
+                None => return Err("unexpected end of statement while looking for matching double-quote".into()),
                 Some('"') => {
                     self.next();
                     if self.lex.raw_quotes {
@@ -483,29 +454,13 @@ impl Scan<'_> {
         }
         let unset = value.is_none() || (null_is_unset && value.as_deref() == Some(""));
         match ch {
-            '-' => Ok(if unset {
-                word
-            } else {
-                value.unwrap_or_default()
-            }),
+            '-' => Ok(if unset { word } else { value.unwrap_or_default() }),
             '+' => Ok(if unset { String::new() } else { word }),
             '?' => match value {
-                None => Err(format!(
-                    "{name}: {}",
-                    if word.is_empty() {
-                        "is not allowed to be unset"
-                    } else {
-                        &word
-                    }
-                )),
-                Some(v) if null_is_unset && v.is_empty() => Err(format!(
-                    "{name}: {}",
-                    if word.is_empty() {
-                        "is not allowed to be empty"
-                    } else {
-                        &word
-                    }
-                )),
+                None => Err(format!("{name}: {}", if word.is_empty() { "is not allowed to be unset" } else { &word })),
+                Some(v) if null_is_unset && v.is_empty() => {
+                    Err(format!("{name}: {}", if word.is_empty() { "is not allowed to be empty" } else { &word }))
+                }
                 Some(v) => Ok(v),
             },
             '#' | '%' => {
@@ -522,10 +477,7 @@ impl Scan<'_> {
                 } else {
                     let rev_tokens: Vec<Tok> = tokens.into_iter().rev().collect();
                     let rev_value: String = value.chars().rev().collect();
-                    Ok(trim_prefix(&rev_tokens, &rev_value, greedy)
-                        .chars()
-                        .rev()
-                        .collect())
+                    Ok(trim_prefix(&rev_tokens, &rev_value, greedy).chars().rev().collect())
                 }
             }
             _ => Err(format!("unsupported modifier ({modifier}) in substitution")),
@@ -540,9 +492,7 @@ impl Scan<'_> {
         }
         let pattern = match self.stop_on(Some('/'), true) {
             Ok((p, _)) => p,
-            Err(_) if self.peek().is_none() => {
-                return Err("syntax error: missing '/' in ${}".into())
-            }
+            Err(_) if self.peek().is_none() => return Err("syntax error: missing '/' in ${}".into()),
             Err(e) => return Err(e),
         };
         let replacement = match self.stop_on(Some('}'), true) {
@@ -624,9 +574,7 @@ fn compile_pattern(pattern: &str) -> Result<Vec<Tok>, String> {
                     }
                     other => {
                         let shown = other.map(|c| c.to_string()).unwrap_or_default();
-                        return Err(format!(
-                            "invalid pattern ({pattern}) in substitution: invalid escape '\\{shown}'"
-                        ));
+                        return Err(format!("invalid pattern ({pattern}) in substitution: invalid escape '\\{shown}'"));
                     }
                 }
             }
@@ -643,17 +591,11 @@ fn match_at(toks: &[Tok], s: &[char], start: usize, greedy: bool) -> Option<usiz
         return Some(start);
     };
     match first {
-        Tok::Lit(c) => (s.get(start) == Some(c))
-            .then(|| match_at(rest, s, start + 1, greedy))
-            .flatten(),
-        Tok::Any => (start < s.len())
-            .then(|| match_at(rest, s, start + 1, greedy))
-            .flatten(),
+        Tok::Lit(c) => (s.get(start) == Some(c)).then(|| match_at(rest, s, start + 1, greedy)).flatten(),
+        Tok::Any => (start < s.len()).then(|| match_at(rest, s, start + 1, greedy)).flatten(),
         Tok::Star => {
             if greedy {
-                (start..=s.len())
-                    .rev()
-                    .find_map(|i| match_at(rest, s, i, greedy))
+                (start..=s.len()).rev().find_map(|i| match_at(rest, s, i, greedy))
             } else {
                 (start..=s.len()).find_map(|i| match_at(rest, s, i, greedy))
             }
@@ -674,16 +616,10 @@ mod tests {
     use super::*;
 
     fn env() -> HashMap<String, String> {
-        [
-            ("A", "a"),
-            ("EMPTY", ""),
-            ("SP", "x  y"),
-            ("PATHY", "/usr/local/bin/tool.tar.gz"),
-            ("ABC", "abcabc"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+        [("A", "a"), ("EMPTY", ""), ("SP", "x  y"), ("PATHY", "/usr/local/bin/tool.tar.gz"), ("ABC", "abcabc")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn w(s: &str) -> String {
@@ -731,11 +667,7 @@ mod tests {
             ("${UNSET/a/b}", ""),
         ];
         for (input, want) in cases {
-            assert_eq!(
-                process_word(input, &env(), '\\'),
-                Ok(want.to_string()),
-                "{input}"
-            );
+            assert_eq!(process_word(input, &env(), '\\'), Ok(want.to_string()), "{input}");
         }
     }
 
@@ -781,20 +713,13 @@ mod tests {
             ("<<EOF", "<<EOF"),
         ];
         for (input, want) in cases {
-            assert_eq!(
-                process_word(input, &env(), '\\'),
-                Ok(want.to_string()),
-                "{input}"
-            );
+            assert_eq!(process_word(input, &env(), '\\'), Ok(want.to_string()), "{input}");
         }
     }
 
     #[test]
     fn backtick_escape() {
-        assert_eq!(
-            process_word("C:\\path\\x", &env(), '`').unwrap(),
-            "C:\\path\\x"
-        );
+        assert_eq!(process_word("C:\\path\\x", &env(), '`').unwrap(), "C:\\path\\x");
         assert_eq!(process_word("a` b", &env(), '`').unwrap(), "a b");
         assert_eq!(process_word("`$A", &env(), '`').unwrap(), "$A");
         assert_eq!(process_word("\"`\"\"", &env(), '`').unwrap(), "\"");
@@ -816,27 +741,14 @@ mod tests {
 
     #[test]
     fn lexer_raw_modes_for_heredoc_detection() {
-        let lex = Lexer {
-            escape: '\\',
-            raw_quotes: true,
-            raw_escapes: true,
-            skip_unset: true,
-        };
-        let (_, words) = lex
-            .process("RUN cat <<\"EOF\" $X ${Y:-z} a\\ b", &NoEnv)
-            .unwrap();
-        assert_eq!(
-            words,
-            vec!["RUN", "cat", "<<\"EOF\"", "$X", "${Y:-z}", "a\\ b"]
-        );
+        let lex = Lexer { escape: '\\', raw_quotes: true, raw_escapes: true, skip_unset: true };
+        let (_, words) = lex.process("RUN cat <<\"EOF\" $X ${Y:-z} a\\ b", &NoEnv).unwrap();
+        assert_eq!(words, vec!["RUN", "cat", "<<\"EOF\"", "$X", "${Y:-z}", "a\\ b"]);
     }
 
     #[test]
     fn split_words_keeps_quotes() {
-        assert_eq!(
-            split_words("A=\"a b\" B='c d' C=e\\ f", '\\'),
-            vec!["A=\"a b\"", "B='c d'", "C=e\\ f"]
-        );
+        assert_eq!(split_words("A=\"a b\" B='c d' C=e\\ f", '\\'), vec!["A=\"a b\"", "B='c d'", "C=e\\ f"]);
         assert_eq!(split_words("  x   y ", '\\'), vec!["x", "y"]);
         assert_eq!(split_words("a=\"\" b", '\\'), vec!["a=\"\"", "b"]);
         assert_eq!(split_words("a\\", '\\'), vec!["a"]);

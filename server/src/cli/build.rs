@@ -51,7 +51,7 @@ pub fn parse_build_args(list: &[String]) -> Result<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
     for a in list {
         match a.split_once('=') {
-            Some((k, _)) if k.is_empty() => bail!("--build-arg {a:?}: the name is empty"),
+            Some(("", _)) => bail!("--build-arg {a:?}: the name is empty"),
             Some((k, v)) => {
                 out.insert(k.to_string(), v.to_string());
             }

@@ -351,7 +351,12 @@ fn deploy_source(c: &Client, conn: &Conn, a: &DeployArgs, dir: &Path, mut settin
                         if conn.json {
                             println!("{ev}");
                         } else if ev["ok"] == true {
-                            println!("{} revision {} is serving at {}", a.name, ev["revision"], ev["url"].as_str().unwrap_or_default());
+                            println!(
+                                "{} revision {} is serving at {}",
+                                a.name,
+                                ev["revision"],
+                                ev["url"].as_str().unwrap_or_default()
+                            );
                         } else {
                             eprintln!("berth: {}", ev["error"].as_str().unwrap_or("the build failed"));
                         }
@@ -382,7 +387,8 @@ pub fn builds(conn: &Conn, data_dir: &Path, a: &BuildsArgs) -> Result<i32> {
     crate::cli::runtime().block_on(async {
         match (a.id, a.log) {
             (Some(id), true) => {
-                let resp = c.send(c.req(reqwest::Method::GET, &format!("/services/{}/builds/{id}/log", a.name))).await?;
+                let resp =
+                    c.send(c.req(reqwest::Method::GET, &format!("/services/{}/builds/{id}/log", a.name))).await?;
                 let text = resp.text().await.context("reading the build log")?;
                 print!("{text}");
             }
@@ -391,7 +397,19 @@ pub fn builds(conn: &Conn, data_dir: &Path, a: &BuildsArgs) -> Result<i32> {
                 if conn.json {
                     println!("{b}");
                 } else {
-                    for k in ["id", "status", "source", "commit", "branch", "image", "deploy", "error", "by", "created_at", "finished_at"] {
+                    for k in [
+                        "id",
+                        "status",
+                        "source",
+                        "commit",
+                        "branch",
+                        "image",
+                        "deploy",
+                        "error",
+                        "by",
+                        "created_at",
+                        "finished_at",
+                    ] {
                         let v = &b[k];
                         if !v.is_null() {
                             println!("{k:<12} {}", v.as_str().map(String::from).unwrap_or_else(|| v.to_string()));
@@ -407,7 +425,8 @@ pub fn builds(conn: &Conn, data_dir: &Path, a: &BuildsArgs) -> Result<i32> {
                 }
                 println!("{:<6} {:<10} {:<7} {:<12} {:<8} CREATED", "ID", "STATUS", "SOURCE", "COMMIT", "DEPLOY");
                 for b in list.as_array().into_iter().flatten() {
-                    let commit = b["commit"].as_str().map(|c| c.chars().take(12).collect::<String>()).unwrap_or("-".into());
+                    let commit =
+                        b["commit"].as_str().map(|c| c.chars().take(12).collect::<String>()).unwrap_or("-".into());
                     let deploy = b["deploy"].as_i64().map(|d| d.to_string()).unwrap_or("-".into());
                     println!(
                         "{:<6} {:<10} {:<7} {:<12} {:<8} {}",

@@ -171,10 +171,11 @@ impl Scope {
             (&Method::GET, "") => true,
             (&Method::POST, "/deploys") | (&Method::GET, "/deploys") => true,
             (&Method::POST, "/builds") | (&Method::GET, "/builds") => true,
-            (&Method::GET, r) if r.strip_prefix("/builds/").is_some_and(|id| {
-                let id = id.strip_suffix("/log").unwrap_or(id);
-                !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit())
-            }) =>
+            (&Method::GET, r)
+                if r.strip_prefix("/builds/").is_some_and(|id| {
+                    let id = id.strip_suffix("/log").unwrap_or(id);
+                    !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit())
+                }) =>
             {
                 true
             }

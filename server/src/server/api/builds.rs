@@ -168,10 +168,22 @@ async fn create(
         build.target = q.target.clone();
     }
     build.args.extend(build_args);
-    let id = db::insert_build(&state.db, service.id, source, q.commit.as_deref(), q.branch.as_deref(), &caller.0).await?;
+    let id =
+        db::insert_build(&state.db, service.id, source, q.commit.as_deref(), q.branch.as_deref(), &caller.0).await?;
 
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<serde_json::Value>();
-    let job = Job { state: state.clone(), name: name.clone(), id, root, build, settings, scaling: manifest.service.scaling, no_cache, timeout, caller: caller.0.clone() };
+    let job = Job {
+        state: state.clone(),
+        name: name.clone(),
+        id,
+        root,
+        build,
+        settings,
+        scaling: manifest.service.scaling,
+        no_cache,
+        timeout,
+        caller: caller.0.clone(),
+    };
     tokio::spawn(async move {
         let _cleanup = cleanup;
         job.run(tx).await;
@@ -262,7 +274,8 @@ impl Job {
                 out.line(l);
             }
         }
-        if let Err(e) = db::update_build(&self.state.db, self.id, status, None, None, deploy, error.as_deref(), true).await
+        if let Err(e) =
+            db::update_build(&self.state.db, self.id, status, None, None, deploy, error.as_deref(), true).await
         {
             tracing::error!(error = %format!("{e:#}"), "recording the end of a build");
         }
@@ -271,7 +284,9 @@ impl Job {
                 out.line(&format!("deployed revision {revision}: {url}"));
                 json!({ "type": "result", "ok": true, "build": self.id, "deploy": deploy, "revision": revision, "url": url })
             }
-            Err((deploy, e)) => json!({ "type": "result", "ok": false, "build": self.id, "deploy": deploy, "error": e }),
+            Err((deploy, e)) => {
+                json!({ "type": "result", "ok": false, "build": self.id, "deploy": deploy, "error": e })
+            }
         };
         let _ = tx.send(v);
     }
@@ -333,9 +348,8 @@ impl Job {
         let mut service = find(state, &self.name).await.map_err(|e| (None, api_error(e)))?;
         apply(&state.keys, &mut service, &self.settings).map_err(|e| (None, api_error(e)))?;
         let source = crate::server::deploy::Source::Local(reference);
-        let (deploy_id, mut events, handle) = start_deploy(state, service, source, &self.caller, self.timeout)
-            .await
-            .map_err(|e| (None, api_error(e)))?;
+        let (deploy_id, mut events, handle) =
+            start_deploy(state, service, source, &self.caller, self.timeout).await.map_err(|e| (None, api_error(e)))?;
         let _ = db::update_build(&state.db, self.id, "deploying", None, None, Some(deploy_id), None, false).await;
         out.line(&format!("deploying (deploy {deploy_id})"));
         while let Some(ev) = events.recv().await {
@@ -349,7 +363,10 @@ impl Job {
         }
         if let Some(patch) = &self.scaling {
             let svc = find(state, &self.name).await.map_err(|e| (Some(deploy_id), api_error(e)))?;
-            let scaling = svc.scaling.apply(patch).map_err(|e| (Some(deploy_id), format!("berth.toml [service.scaling]: {e}")))?;
+            let scaling = svc
+                .scaling
+                .apply(patch)
+                .map_err(|e| (Some(deploy_id), format!("berth.toml [service.scaling]: {e}")))?;
             if db::set_scaling(&state.db, &self.name, &scaling).await.unwrap_or(false) {
                 if let Some(live) = state.platform.get(&self.name) {
                     live.set_scaling(scaling);
@@ -403,7 +420,9 @@ async fn read(State(state): State<AppState>, Path((name, id)): Path<(String, i64
 
 /// `GET /services/{name}/builds/{id}/log`: the build's output as text.
 async fn log(State(state): State<AppState>, Path((name, id)): Path<(String, i64)>) -> Result<Response, Error> {
-    db::get_build(&state.db, &name, id).await?.ok_or_else(|| Error::NotFound(format!("service {name:?} has no build {id}")))?;
+    db::get_build(&state.db, &name, id)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("service {name:?} has no build {id}")))?;
     let text = tokio::fs::read(log_path(&state.data_dir, id)).await.unwrap_or_default();
     Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
 }
