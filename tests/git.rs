@@ -4,8 +4,11 @@
 //! pre-receive hook (`berth git-hook pre-receive`) against a stub builds API: checkout from
 //! the push's quarantine, submodules, the tar it sends, and the push failing with the build.
 //!
-//! The helpers (`Repo`, `Keypair`, `push_ssh`, `push_http`) are for the build-and-serve tests
-//! too.
+//! Then pushes end to end on the real builder, served through the proxy: a Python app over
+//! SSH (`git push berth main`), a compiled multi-stage build over HTTP to the API address, a
+//! static site over HTTP through the proxy on the control host; the layer cache across
+//! pushes; a Dockerfile error rejecting the push; two pushes at once; `berth rm` removing the
+//! repository.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
@@ -518,4 +521,309 @@ fn the_hook_sends_the_pushed_tree_with_submodules_and_follows_the_build() {
     let _ = stub.got.join().unwrap();
     let refs = git(&bare2).args(["rev-parse", "--verify", "-q", "refs/heads/main"]).output().unwrap();
     assert!(!refs.status.success(), "no ref after a failed build");
+}
+
+// Build and serve: pushes run the real builder and deploy through the proxy.
+
+fn image(name: &str) -> String {
+    berth_tests::world().image("anon", name)
+}
+
+/// The lines git shows as `remote: ...`, without the prefix and git's padding.
+fn remote_lines(o: &Output) -> Vec<String> {
+    stderr(o).lines().filter_map(|l| l.strip_prefix("remote: ")).map(|l| l.trim_end().to_string()).collect()
+}
+
+/// Asserts that the push succeeded; returns its `remote:` lines.
+fn pushed(o: &Output, s: &Server) -> Vec<String> {
+    assert!(o.status.success(), "the push failed:\n{}\nserver log:\n{}", text(o), s.log_text());
+    remote_lines(o)
+}
+
+/// Adds the remote `berth` as `berth git NAME` shows it (over SSH, to 127.0.0.1).
+fn add_berth_remote(repo: &Repo, s: &Server, service: &str) {
+    git_ok(repo.path(), &["remote", "add", "berth", &format!("ssh://git@127.0.0.1:{}/{service}", s.ssh)]);
+}
+
+/// `git push berth main`, as a user types it.
+fn push_berth_main(repo: &Repo, s: &Server, key: &Keypair) -> Output {
+    need("ssh");
+    git(repo.path()).env("GIT_SSH_COMMAND", key.ssh_command(s.ssh)).args(["push", "berth", "main"]).output().unwrap()
+}
+
+/// `git ls-remote berth refs/heads/main`: the commit the server's main is at, if any.
+fn remote_main(repo: &Repo, s: &Server, key: &Keypair) -> Option<String> {
+    let out = git(repo.path())
+        .env("GIT_SSH_COMMAND", key.ssh_command(s.ssh))
+        .args(["ls-remote", "berth", "refs/heads/main"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "git ls-remote: {}", text(&out));
+    stdout(&out).split_whitespace().next().map(str::to_string)
+}
+
+/// The commands shown for steps followed by ` ---> cached`, and those that were not.
+fn cached_and_built(lines: &[String]) -> (Vec<String>, Vec<String>) {
+    let (mut cached, mut built) = (Vec::new(), Vec::new());
+    for w in lines.windows(2).filter(|w| w[0].starts_with('[')) {
+        if w[1].contains("---> cached") {
+            cached.push(w[0].clone());
+        } else if w[1].contains("---> done") {
+            built.push(w[0].clone());
+        }
+    }
+    (cached, built)
+}
+
+const PY_APP: &str = r#"import http.server, os
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        b = ("python says " + os.environ.get("MODE", "?") + " " + open("/app/version.txt").read().strip()).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(b))); self.end_headers(); self.wfile.write(b)
+    def log_message(self, *a): pass
+http.server.ThreadingHTTPServer(("0.0.0.0", int(os.environ.get("PORT", "8000"))), H).serve_forever()
+"#;
+
+#[test]
+fn a_python_app_pushed_over_ssh_is_built_served_and_removed_with_its_repository() {
+    let b = Berth::new();
+    let s = Server::start(&b, &[]);
+    let key = Keypair::new();
+    key.add(&s, &b, "alice");
+    let dockerfile =
+        format!("FROM {}\nWORKDIR /app\nCOPY app.py version.txt ./\nCMD [\"python3\", \"app.py\"]\n", image("python"));
+    let repo = Repo::new(&[
+        ("Dockerfile", &dockerfile),
+        ("app.py", PY_APP),
+        ("version.txt", "v1\n"),
+        ("berth.toml", "[service]\nport = 8000\nenv = { MODE = \"toml\" }\n"),
+    ]);
+    add_berth_remote(&repo, &s, "py");
+    let lines = pushed(&push_berth_main(&repo, &s, &key), &s);
+    let all = lines.join("\n");
+    let short = &repo.head()[..12];
+    assert!(lines.contains(&format!("berth: building py from main ({short})")), "{all}");
+    assert!(lines.iter().any(|l| l.starts_with('[') && l.ends_with("] COPY app.py version.txt ./")), "{all}");
+    assert!(lines.iter().any(|l| l.starts_with("built ") && l.contains("steps")), "{all}");
+    assert_eq!(
+        lines[lines.len() - 2..],
+        ["berth: deployed py revision 1".to_string(), format!("berth: http://py.test.local:{}/", s.http)],
+        "the push ends with the URL:\n{all}"
+    );
+    assert_eq!(s.get("py", "/").text(), "python says toml v1");
+    assert_eq!(server_ref(&s, "py", "main").as_deref(), Some(repo.head().as_str()));
+
+    // A second revision by push; then `berth rm` removes the repository with the service.
+    repo.commit(&[("version.txt", "v2\n")], "v2");
+    let lines = pushed(&push_berth_main(&repo, &s, &key), &s);
+    assert!(lines.contains(&"berth: deployed py revision 2".to_string()), "{}", lines.join("\n"));
+    assert_eq!(s.get("py", "/").text(), "python says toml v2");
+    let bare = s.data_dir.join("git/py.git");
+    assert!(bare.is_dir(), "{}", bare.display());
+    s.cli_ok(&b, &["rm", "py"]);
+    assert!(!bare.exists(), "berth rm leaves {}", bare.display());
+    let out =
+        git(repo.path()).env("GIT_SSH_COMMAND", key.ssh_command(s.ssh)).args(["ls-remote", "berth"]).output().unwrap();
+    assert!(!out.status.success() && text(&out).contains("no repository \"py\""), "{}", text(&out));
+    // A push makes the service and its repository anew.
+    let lines = pushed(&push_berth_main(&repo, &s, &key), &s);
+    assert!(lines.contains(&"berth: deployed py revision 1".to_string()), "{}", lines.join("\n"));
+    assert_eq!(s.get("py", "/").text(), "python says toml v2");
+}
+
+#[test]
+fn a_compiled_multi_stage_build_and_a_static_site_pushed_over_http_are_served() {
+    let b = Berth::new();
+    let s = Server::start(&b, &[]);
+
+    // To the API address, the admin token as the password: tcc in a Debian stage, the binary
+    // run as a CGI in a busybox stage.
+    let cgi = Repo::new(&[
+        (
+            "Dockerfile",
+            &format!(
+                "FROM {} AS Build\nCOPY hello.c /src/\nRUN mkdir /out && tcc -o /out/hello /src/hello.c\n\
+                 FROM {}\nCOPY --from=build /out/hello /www/cgi-bin/hello\n\
+                 COPY --from=build /lib/x86_64-linux-gnu/libc.so.6 /lib/x86_64-linux-gnu/\n\
+                 COPY --from=build /lib64/ld-linux-x86-64.so.2 /lib64/\n\
+                 EXPOSE 8080\nCMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n",
+                image("python"),
+                image("busybox")
+            ),
+        ),
+        (
+            "hello.c",
+            "#include <stdio.h>\nint main(void){printf(\"Content-Type: text/plain\\r\\n\\r\\ncompiled by tcc\\n\");return 0;}\n",
+        ),
+    ]);
+    let lines = pushed(&push_http(&cgi, &s, &s.token(), "cgi", "HEAD:main"), &s);
+    let all = lines.join("\n");
+    assert!(lines.iter().any(|l| l.contains("RUN mkdir /out && tcc -o /out/hello /src/hello.c")), "{all}");
+    assert_eq!(lines.last().unwrap(), &format!("berth: http://cgi.test.local:{}/", s.http), "{all}");
+    let r = s.get("cgi", "/cgi-bin/hello");
+    assert_eq!((r.status, r.text().trim()), (200, "compiled by tcc"), "{}", r.text());
+    assert_eq!(server_ref(&s, "cgi", "main").as_deref(), Some(cgi.head().as_str()));
+
+    // Through the proxy on the control host, a deploy token of the service as the password:
+    // a static site whose .dockerignore keeps a file out and lets an exception back in.
+    assert_eq!(s.call("POST", "/api/v1/services", Some(json!({"name": "site"}))).status, 201);
+    let t = s.call("POST", "/api/v1/tokens", Some(json!({"name": "ci", "scope": "deploy", "service": "site"}))).json();
+    let deploy = t["token"].as_str().unwrap().to_string();
+    let site = Repo::new(&[
+        (
+            "Dockerfile",
+            &format!(
+                "FROM {}\nCOPY . /www/\nCMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n",
+                image("busybox")
+            ),
+        ),
+        (".dockerignore", "*.secret\n!public.secret\nDockerfile\n"),
+        ("index.html", "<h1>static</h1>\n"),
+        ("private.secret", "no\n"),
+        ("public.secret", "yes\n"),
+    ]);
+    let control = format!("berth.test.local:{}", s.http);
+    let out = git(site.path())
+        .args(["-c", &format!("http.curloptResolve={control}:127.0.0.1")])
+        .args(["push", &format!("http://git:{deploy}@{control}/git/site.git"), "HEAD:main"])
+        .output()
+        .unwrap();
+    let lines = pushed(&out, &s);
+    let all = lines.join("\n");
+    assert!(lines.iter().any(|l| l.ends_with("] COPY . /www/")), "{all}");
+    assert_eq!(lines.last().unwrap(), &format!("berth: http://site.test.local:{}/", s.http), "{all}");
+    assert_eq!(s.get("site", "/index.html").text(), "<h1>static</h1>\n");
+    assert_eq!(s.get("site", "/public.secret").text(), "yes\n");
+    assert_eq!(s.get("site", "/private.secret").status, 404);
+    assert_eq!(s.get("site", "/Dockerfile").status, 404);
+    assert_eq!(server_ref(&s, "site", "main").as_deref(), Some(site.head().as_str()));
+    // The build is recorded as from git, with its commit.
+    let v: serde_json::Value = serde_json::from_str(&s.cli_ok(&b, &["builds", "site", "--json"])).unwrap();
+    assert_eq!(v[0]["source"], "git", "{v:#}");
+    assert_eq!(v[0]["commit"], site.head(), "{v:#}");
+}
+
+#[test]
+fn an_unchanged_push_reuses_every_layer_and_a_change_rebuilds_from_its_copy() {
+    let b = Berth::new();
+    let s = Server::start(&b, &[]);
+    let key = Keypair::new();
+    key.add(&s, &b, "alice");
+    let dockerfile = format!(
+        "FROM {}\nRUN echo one > /one\nCOPY a.txt /a.txt\nRUN cat /a.txt > /from-a\nCOPY b.txt /b.txt\nRUN cat /b.txt > /from-b\n\
+         CMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/\"]\n",
+        image("busybox")
+    );
+    let repo = Repo::new(&[("Dockerfile", &dockerfile), ("a.txt", "a1\n"), ("b.txt", "b1\n")]);
+    add_berth_remote(&repo, &s, "cache");
+    let first = pushed(&push_berth_main(&repo, &s, &key), &s);
+    let (cached, built) = cached_and_built(&first);
+    assert_eq!((cached.len(), built.len()), (0, 5), "a cold build runs every RUN and COPY:\n{}", first.join("\n"));
+
+    // An empty commit: the same tree, every layer reused.
+    repo.commit(&[], "nothing changed");
+    let second = pushed(&push_berth_main(&repo, &s, &key), &s);
+    let (cached, built) = cached_and_built(&second);
+    assert_eq!((cached.len(), built.len()), (5, 0), "every RUN and COPY reused:\n{}", second.join("\n"));
+    assert!(second.iter().any(|l| l.contains("(6 steps, 5 cached)")), "{}", second.join("\n"));
+    assert!(second.contains(&"berth: deployed cache revision 2".to_string()), "{}", second.join("\n"));
+
+    // b.txt changes: the steps before its COPY are reused, that COPY and what follows are not.
+    repo.commit(&[("b.txt", "b2\n")], "b2");
+    let third = pushed(&push_berth_main(&repo, &s, &key), &s);
+    let (cached, built) = cached_and_built(&third);
+    let all = third.join("\n");
+    assert_eq!(cached.len(), 3, "{all}");
+    assert!(cached.iter().all(|l| !l.contains("b.txt")), "{all}");
+    assert_eq!(built.len(), 2, "{all}");
+    assert!(built[0].ends_with("] COPY b.txt /b.txt") && built[1].ends_with("] RUN cat /b.txt > /from-b"), "{all}");
+    assert_eq!(s.get("cache", "/from-b").text(), "b2\n");
+    assert_eq!(s.get("cache", "/from-a").text(), "a1\n");
+}
+
+#[test]
+fn a_dockerfile_error_names_its_line_rejects_the_push_and_the_old_revision_keeps_serving() {
+    let b = Berth::new();
+    let s = Server::start(&b, &[]);
+    let key = Keypair::new();
+    key.add(&s, &b, "alice");
+    let good = format!(
+        "FROM {}\nCOPY index.html /www/\nCMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n",
+        image("busybox")
+    );
+    let repo = Repo::new(&[("Dockerfile", &good), ("index.html", "old\n")]);
+    add_berth_remote(&repo, &s, "web");
+    pushed(&push_berth_main(&repo, &s, &key), &s);
+    let old = repo.head();
+    assert_eq!(remote_main(&repo, &s, &key).as_deref(), Some(old.as_str()));
+
+    // A syntax error: refused before anything runs, with its line.
+    repo.commit(
+        &[("Dockerfile", &format!("FROM {}\n# a comment\nCOPY onlyone\n", image("busybox"))), ("index.html", "new\n")],
+        "bad",
+    );
+    let out = push_berth_main(&repo, &s, &key);
+    assert!(!out.status.success(), "{}", text(&out));
+    let t = text(&out);
+    assert!(t.contains("line 3") && t.contains("COPY"), "{t}");
+    assert!(t.contains("remote: berth: the push is refused; the running revision of web keeps serving"), "{t}");
+    assert!(t.contains("pre-receive hook declined"), "{t}");
+    assert_eq!(remote_main(&repo, &s, &key).as_deref(), Some(old.as_str()), "the ref stays at the old commit");
+
+    // A failing RUN: its line, its exit code and the tail of its output.
+    let failing =
+        format!("FROM {}\nCOPY index.html /www/\nRUN echo about to fail && \\\n    exit 3\n", image("busybox"));
+    repo.commit(&[("Dockerfile", &failing)], "failing");
+    let out = push_berth_main(&repo, &s, &key);
+    assert!(!out.status.success(), "{}", text(&out));
+    let t = text(&out);
+    assert!(t.contains("Dockerfile line 3") && t.contains("exited with code 3") && t.contains("about to fail"), "{t}");
+    assert_eq!(remote_main(&repo, &s, &key).as_deref(), Some(old.as_str()), "the ref stays at the old commit");
+
+    assert_eq!(s.get("web", "/index.html").text(), "old\n");
+    assert_eq!(s.service("web")["revision"], 1);
+
+    // Fixed: the next push goes through and deploys.
+    repo.commit(&[("Dockerfile", &good)], "fixed");
+    pushed(&push_berth_main(&repo, &s, &key), &s);
+    assert_eq!(remote_main(&repo, &s, &key), Some(repo.head()));
+    assert_eq!(s.get("web", "/index.html").text(), "new\n");
+}
+
+#[test]
+fn two_pushes_to_two_services_at_once_both_deploy() {
+    let b = Berth::new();
+    let s = Server::start(&b, &[]);
+    let key = Keypair::new();
+    key.add(&s, &b, "alice");
+    let repos: Vec<Repo> = (0..2)
+        .map(|i| {
+            Repo::new(&[(
+                "Dockerfile",
+                &format!(
+                    "FROM {}\nRUN sleep 1 && echo built {i} > /www-{i}\nCMD [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/\"]\n",
+                    image("busybox")
+                ),
+            )])
+        })
+        .collect();
+    let t0 = std::time::Instant::now();
+    let outs: Vec<Output> = std::thread::scope(|scope| {
+        let handles: Vec<_> = repos
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let (s, key) = (&s, &key);
+                scope.spawn(move || push_ssh(r, s, key, "git", &format!("twin{i}"), "HEAD:main"))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    eprintln!("two pushes at once: {:?}", t0.elapsed());
+    for (i, out) in outs.iter().enumerate() {
+        let lines = pushed(out, &s);
+        assert_eq!(lines.last().unwrap(), &format!("berth: http://twin{i}.test.local:{}/", s.http), "{}", text(out));
+        assert_eq!(s.get(&format!("twin{i}"), &format!("/www-{i}")).text(), format!("built {i}\n"));
+        assert_eq!(server_ref(&s, &format!("twin{i}"), "main"), Some(repos[i].head()));
+    }
 }

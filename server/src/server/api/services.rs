@@ -517,6 +517,8 @@ async fn remove(State(state): State<AppState>, Path(name): Path<String>) -> Resu
         live.delete();
     }
     let _ = std::fs::remove_dir_all(crate::server::instance::log_dir(&state.data_dir, &name));
+    // Its git repository too: a new service of the same name starts with no history.
+    let _ = std::fs::remove_dir_all(crate::server::git::repo::path(&state.data_dir, &name));
     // A deploy token of a deleted service must not deploy a new one of the same name.
     let revoked = db::delete_service_tokens(&state.db, &name).await?;
     crate::server::write_gc_roots(&state).await;
