@@ -859,13 +859,21 @@ impl Builder<'_> {
     }
 
     fn workdir_layer(&mut self, st: &mut St, path: &str) -> Result<()> {
-        let key = hash(&[&st.key, "workdir", path]);
+        // As BuildKit, the directories WORKDIR creates belong to the stage's USER (so that a
+        // non-root user can write to its own working directory).
+        let user = st.cfg_str("User");
+        let key = hash(&[&st.key, "workdir", path, &user]);
         let created_by = format!("WORKDIR {path}");
         if let Some(hit) = self.cache_get(&key) {
             self.push_layer(st, key, hit, &created_by);
             return Ok(());
         }
         let v = self.view(&st.layers.clone())?;
+        let (uid, gid) = if user.is_empty() {
+            (0, 0)
+        } else {
+            resolve_chown(&user, &v).map_err(|e| Error::new(format!("WORKDIR as USER {user}: {}", e.message)))?
+        };
         let mut entries = Vec::new();
         let mut acc = String::new();
         let mut missing = false;
@@ -879,8 +887,8 @@ impl Builder<'_> {
                         path: acc.clone(),
                         kind: tarball::Kind::Dir,
                         mode: 0o755,
-                        uid: 0,
-                        gid: 0,
+                        uid,
+                        gid,
                         mtime: unix_now(),
                     });
                 }
@@ -1368,7 +1376,15 @@ impl Builder<'_> {
                             .map_err(|e| Error::new(format!("ADD: extracting {name}: {e}")))?;
                         h.update(b"archive");
                         hash_file(&mut h, host);
-                        collect_tree(&x, &dest, &mut entries, None, chmod, true)?;
+                        // The archive's own entries keep their owners; the destination
+                        // directory, when the step creates it, is made like any missing
+                        // parent (0755, owned by --chown), and an existing one is left as
+                        // it is (ADD into /tmp must not reset its 1777), as BuildKit does.
+                        let at = entries.len();
+                        collect_tree(&x, &dest, &mut entries, None, chmod, false)?;
+                        if dst_view.resolve(&dest).is_none() && !entries.iter().any(|e| e.path == rel_of(&dest)) {
+                            entries.insert(at, new_dir(&dest, chown));
+                        }
                         work_dirs.push(x);
                         continue;
                     }
@@ -1387,15 +1403,24 @@ impl Builder<'_> {
                             for (r, p) in list {
                                 let target = if r.is_empty() { dest.clone() } else { format!("{dest}/{r}") };
                                 let md = fs::symlink_metadata(&p).map_err(err)?;
-                                if r.is_empty() && dst_view.resolve(&dest).is_some() {
-                                    // An existing destination directory keeps its own metadata.
+                                if r.is_empty() {
+                                    // An existing destination directory keeps its own metadata;
+                                    // a new one is made like a missing parent (0755, --chown, no
+                                    // --chmod, not the source directory's mode), as BuildKit's
+                                    // copy of directory contents does (fsutil prepareTargetDir).
+                                    if dst_view.resolve(&dest).is_none() {
+                                        entries.push(new_dir(&dest, chown));
+                                    }
                                     continue;
                                 }
                                 entries.push(entry_for(&target, &md, &p, owner, chmod)?);
                             }
                         } else {
                             h.update(host.to_string_lossy().as_bytes());
-                            collect_tree(host, &dest, &mut entries, owner, chmod, dst_view.resolve(&dest).is_none())?;
+                            if dst_view.resolve(&dest).is_none() {
+                                entries.push(new_dir(&dest, chown));
+                            }
+                            collect_tree(host, &dest, &mut entries, owner, chmod, false)?;
                         }
                     } else {
                         let target = if dest_is_dir { format!("{dest}/{name}") } else { dest.clone() };
@@ -1607,6 +1632,12 @@ fn dir_entry(rel: &str, md: &fs::Metadata) -> Entry {
         gid: md.gid(),
         mtime: md.mtime().max(0) as u64,
     }
+}
+
+/// A directory a COPY or ADD creates for its destination: 0755, owned by `--chown` or root.
+fn new_dir(dest: &str, chown: Option<(u32, u32)>) -> Entry {
+    let (uid, gid) = chown.unwrap_or((0, 0));
+    Entry { path: rel_of(dest), kind: tarball::Kind::Dir, mode: 0o755, uid, gid, mtime: unix_now() }
 }
 
 /// The layer entry for one source path at `target` (absolute in the image).
