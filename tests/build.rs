@@ -461,6 +461,12 @@ LABEL from.arg=$OVERRIDDEN "with space"="a value" \
       # a comment inside the continuation
       multi.b=2
 ENV legacy form with spaces
+ENV PATH=$PATH:/opt/bin
+# One ENV expands all its values with the variables as they were before it.
+ENV abc=hello
+ENV abc=bye def=$abc
+USER ${{OVERRIDDEN}}
+USER root
 ENV EQUALS=a=b=c
 ARG TARGETARCH
 ARG TARGETOS
@@ -480,13 +486,17 @@ EXPOSE $PORT
         "ALT=alt",
         "NOALT=x",
         "ESCAPED=$GREETING",
+        "def=hello",
     ] {
         assert!(env.contains(&want), "{want} not in {env:?}");
     }
     assert_eq!(a.file("args.txt").data, sha(&format!("env-wins from-cli {tag} later\n")));
     // BuildKit replaces a variable the base image set where it stands (see config_fields).
     let env: Vec<&str> = b.config["config"]["Env"].as_array().expect("Env").iter().filter_map(Value::as_str).collect();
-    assert_eq!(&env[..2], ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "GREETING=env-wins"]);
+    assert_eq!(
+        &env[..2],
+        ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/opt/bin", "GREETING=env-wins"]
+    );
 }
 
 const MULTI: &str = r#"FROM {BASE} AS Builder
