@@ -988,12 +988,12 @@ impl Builder<'_> {
                     let host = match &m.from {
                         Some(from) => {
                             let from = self.expand(st, from)?;
-                            let layers = self.source_layers(&from, stage)?;
+                            let (layers, from_key) = self.source_layers(&from, stage)?;
                             let v = self.view(&layers)?;
                             let p = v
                                 .resolve(&source)
                                 .ok_or_else(|| Error::new(format!("RUN --mount from={from}: no {source:?} there")))?;
-                            mount_desc.push(format!("bind {from} {source} {target}"));
+                            mount_desc.push(format!("bind {from_key} {source} {target}"));
                             views.push(v);
                             p
                         }
@@ -1172,35 +1172,30 @@ impl Builder<'_> {
     }
 
     /// The layers of what `from` names: an earlier stage, or an image.
-    fn source_layers(&mut self, from: &str, stage: usize) -> Result<Vec<LayerRecord>> {
+    /// Also its cache key: the stage's, or the image's manifest digest.
+    fn source_layers(&mut self, from: &str, stage: usize) -> Result<(Vec<LayerRecord>, String)> {
         if let Some(j) = self.stage_ref(from, stage) {
-            return Ok(self.stage(j)?.layers);
+            let b = self.stage(j)?;
+            return Ok((b.layers, b.key));
         }
         if from.parse::<usize>().is_ok() {
             return Err(Error::new(format!("--from={from}: there is no earlier stage {from}")));
         }
         let image = self.image(from)?;
-        self.engine.images().layer_records(&image).map_err(err)
+        let layers = self.engine.images().layer_records(&image).map_err(err)?;
+        Ok((layers, image.manifest_digest.to_string()))
     }
 
     /// A key for a source from the context (a file or a directory's tree).
     fn context_key(&self, rel: &str) -> Result<String> {
-        let mut h = Sha256::new();
-        let mut entries = Vec::new();
-        self.walk_context(rel, &mut |r, md, path| {
-            entries.push((r.to_string(), md.mode(), md.len(), path.to_path_buf()));
-        })?;
-        for (r, mode, len, path) in entries {
-            h.update(r.as_bytes());
-            h.update(mode.to_le_bytes());
-            h.update(len.to_le_bytes());
-            if let Ok(mut f) = fs::File::open(&path) {
-                if fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
-                    let _ = io::copy(&mut f, &mut HashWriter(&mut h));
-                }
-            }
-        }
-        Ok(hex::encode(h.finalize()))
+        Ok(listing_key(&self.context_listing(rel)?))
+    }
+
+    /// What [`Builder::walk_context`] visits, collected.
+    fn context_listing(&self, rel: &str) -> Result<Vec<(String, fs::Metadata, PathBuf)>> {
+        let mut list = Vec::new();
+        self.walk_context(rel, &mut |r, md, p| list.push((r.to_string(), md.clone(), p.to_path_buf())))?;
+        Ok(list)
     }
 
     /// Visits `rel` in the context and, if a directory, everything under it that .dockerignore
@@ -1274,12 +1269,12 @@ impl Builder<'_> {
             Some(spec) => Some(resolve_chown(spec, &dst_view)?),
         };
         let from = c.from.as_deref().map(|f| self.expand(st, f)).transpose()?;
-        let src_view = match &from {
+        let (src_view, from_key) = match &from {
             Some(f) => {
-                let layers = self.source_layers(f, stage)?;
-                Some(self.view(&layers)?)
+                let (layers, key) = self.source_layers(f, stage)?;
+                (Some(self.view(&layers)?), key)
             }
-            None => None,
+            None => (None, String::new()),
         };
         let source = match &src_view {
             Some(v) => Source::View(v),
@@ -1396,13 +1391,10 @@ impl Builder<'_> {
                     if md.is_dir() {
                         if in_context {
                             let rel = host.strip_prefix(&self.context).unwrap_or(host).to_string_lossy().into_owned();
-                            h.update(self.context_key(&rel)?.as_bytes());
-                            let ctx_rel = rel.clone();
-                            let mut list: Vec<(String, PathBuf)> = Vec::new();
-                            self.walk_context(&ctx_rel, &mut |r, _, p| list.push((r.to_string(), p.to_path_buf())))?;
-                            for (r, p) in list {
+                            let list = self.context_listing(&rel)?;
+                            h.update(listing_key(&list).as_bytes());
+                            for (r, md, p) in list {
                                 let target = if r.is_empty() { dest.clone() } else { format!("{dest}/{r}") };
-                                let md = fs::symlink_metadata(&p).map_err(err)?;
                                 if r.is_empty() {
                                     // An existing destination directory keeps its own metadata;
                                     // a new one is made like a missing parent (0755, --chown, no
@@ -1437,13 +1429,7 @@ impl Builder<'_> {
             }
         }
         // From another stage or image, the key is that stage's key plus the paths.
-        if let (Some(f), Some(_)) = (&from, &src_view) {
-            let k = match self.stage_ref(f, stage) {
-                Some(j) => self.built.get(&j).map(|b| b.key.clone()).unwrap_or_default(),
-                None => self.image(f).map(|i| i.manifest_digest.to_string()).unwrap_or_default(),
-            };
-            h.update(k.as_bytes());
-        }
+        h.update(from_key.as_bytes());
         let key = hex::encode(h.finalize());
         let created_by = format!("{what} {}", inst.text.split_once(' ').map(|x| x.1).unwrap_or(""));
         if let Some(hit) = self.cache_get(&key) {
@@ -1599,6 +1585,20 @@ enum Item {
     Url(String),
     /// A host path, and whether it came from a wildcard.
     Path(PathBuf, bool),
+}
+
+/// The key of a context listing: paths, modes, sizes and file contents.
+fn listing_key(list: &[(String, fs::Metadata, PathBuf)]) -> String {
+    let mut h = Sha256::new();
+    for (r, md, path) in list {
+        h.update(r.as_bytes());
+        h.update(md.mode().to_le_bytes());
+        h.update(md.len().to_le_bytes());
+        if md.is_file() {
+            hash_file(&mut h, path);
+        }
+    }
+    hex::encode(h.finalize())
 }
 
 struct HashWriter<'a>(&'a mut Sha256);
@@ -1812,19 +1812,9 @@ fn is_archive(p: &Path) -> bool {
         || (n >= 262 && &head[257..262] == b"ustar")
 }
 
-/// Path cleaning as Go's `path.Clean` for absolute paths: `/a/./b/../c/` → `/a/c`.
+/// Go's `path.Clean` of an absolute path: `/a/./b/../c/` → `/a/c`.
 fn clean(p: &str) -> String {
-    let mut out: Vec<&str> = Vec::new();
-    for c in p.split('/') {
-        match c {
-            "" | "." => {}
-            ".." => {
-                out.pop();
-            }
-            c => out.push(c),
-        }
-    }
-    format!("/{}", out.join("/"))
+    ignore::clean(&format!("/{p}"))
 }
 
 /// A source path relative to the context root: cleaned, never above it.

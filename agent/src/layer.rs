@@ -298,7 +298,7 @@ impl Meta {
 /// Which xattrs a layer may set. `trusted.overlay.*` is refused because it steers overlayfs
 /// itself (redirects, metacopy, opacity): only our own whiteout translation writes it. Other
 /// namespaces (`security.selinux`, ACLs) depend on the host and are not part of the image.
-fn wanted_xattr(name: &[u8]) -> bool {
+pub(crate) fn wanted_xattr(name: &[u8]) -> bool {
     if name.starts_with(b"trusted.overlay.") {
         return false;
     }

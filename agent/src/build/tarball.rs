@@ -13,10 +13,8 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 const OPAQUE: &str = "trusted.overlay.opaque";
-/// Xattrs a layer carries (as the unpacker accepts them).
-fn wanted_xattr(name: &[u8]) -> bool {
-    !name.starts_with(b"trusted.overlay.") && (name.starts_with(b"user.") || name == b"security.capability")
-}
+// Xattrs a layer carries: those the unpacker accepts.
+use crate::layer::wanted_xattr;
 
 /// One entry of a layer being built from pieces.
 #[derive(Debug, Clone)]
