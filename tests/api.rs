@@ -84,6 +84,8 @@ fn the_openapi_document_matches_the_server_and_schemathesis_finds_no_failure() {
             "exec",
             "--exclude-operation-id",
             "logs",
+            "--exclude-operation-id",
+            "createBuild",
             // schemathesis 4.32.5 itself crashes generating negative path values for this
             // operation ("AST constructor recursion depth mismatch" inside hypothesis, a
             // Runtime Error, not a finding); the route is still checked as routed above and by
@@ -103,16 +105,15 @@ fn the_openapi_document_matches_the_server_and_schemathesis_finds_no_failure() {
         .expect("running schemathesis");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "schemathesis found failures:\n{text}\nserver log:\n{}", s.log_text());
-    // Every operation but the two excluded streams and removeKey.
     let selected = text
         .split("Operations:")
         .nth(1)
         .and_then(|t| t.split_whitespace().next())
         .and_then(|n| n.parse::<usize>().ok())
         .expect("schemathesis prints how many operations it selected");
-    // All but the three excluded operations (and the document's own route, which the routed
+    // All but the four excluded operations (and the document's own route, which the routed
     // check above counts).
-    assert!(selected + 4 >= ops, "{selected} of {ops} operations selected");
+    assert!(selected + 5 >= ops, "{selected} of {ops} operations selected");
     let tested = format!("Tested: {selected}");
     assert!(text.contains(&tested), "schemathesis tested the operations ({tested}): {text}");
     // Generated images were pulled through the dead proxy only.

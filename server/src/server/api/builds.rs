@@ -407,7 +407,10 @@ async fn list(
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Vec<db::Build>>, Error> {
     find(&state, &name).await?;
-    let limit = q.limit.unwrap_or(50).clamp(1, 1000);
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=1000).contains(&limit) {
+        return Err(Error::BadRequest(format!("?limit={limit}: must be from 1 to 1000")));
+    }
     Ok(Json(db::list_builds(&state.db, &name, limit).await?))
 }
 

@@ -264,6 +264,46 @@ pub const OPERATIONS: &[Operation] = &[
         None,
         &[(200, Some(of::<db::Deploy>))],
     ),
+    Operation {
+        streams: true,
+        ..op(
+            "post",
+            "/services/{name}/builds",
+            "createBuild",
+            "Build the tar(.gz) build context in the body (berth.toml, Dockerfile) and deploy it; \
+             answers an NDJSON stream of log lines and one result",
+            &[NAME],
+            None,
+            &[(200, None)],
+        )
+    },
+    op(
+        "get",
+        "/services/{name}/builds",
+        "listBuilds",
+        "A service's builds, newest first",
+        &[NAME, LIMIT],
+        None,
+        &[(200, Some(of::<Vec<db::Build>>))],
+    ),
+    op(
+        "get",
+        "/services/{name}/builds/{id}",
+        "getBuild",
+        "A build",
+        &[NAME, ID],
+        None,
+        &[(200, Some(of::<db::Build>))],
+    ),
+    op(
+        "get",
+        "/services/{name}/builds/{id}/log",
+        "getBuildLog",
+        "A build's output, as text",
+        &[NAME, ID],
+        None,
+        &[(200, None)],
+    ),
     op(
         "get",
         "/services/{name}/instances",
