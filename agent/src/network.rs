@@ -166,7 +166,7 @@ impl Network {
     pub fn ensure_bridge(&self) -> Result<(), Error> {
         let bridge = &self.cfg.bridge;
         if Path::new("/sys/class/net").join(bridge).exists() && self.nat_ok() {
-            return Ok(());
+            return pin_mac(bridge);
         }
         let dev = Path::new("/sys/class/net").join(bridge);
         if dev.exists() && !dev.join("bridge").exists() {
@@ -184,10 +184,14 @@ impl Network {
             let gw = format!("{}/{}", self.subnet.gateway(), self.subnet.prefix);
             ip_batch(
                 None,
-                &format!("link add {bridge} type bridge\naddr add {gw} dev {bridge}\nlink set {bridge} up\n"),
+                &format!(
+                    "link add {bridge} address {} type bridge\naddr add {gw} dev {bridge}\nlink set {bridge} up\n",
+                    random_mac()
+                ),
                 &format!("creating bridge {bridge}"),
             )?;
         }
+        pin_mac(bridge)?;
         self.check_bridge_address()?;
         fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(io_err("enabling IPv4 forwarding"))?;
         let sub = self.subnet.to_string();
@@ -413,6 +417,29 @@ pub fn delete_link(name: &str) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A random locally administered unicast MAC address.
+fn random_mac() -> String {
+    let mut b = [0u8; 6];
+    getrandom::fill(&mut b).expect("the kernel's random numbers");
+    b[0] = (b[0] & 0xfe) | 0x02;
+    b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(":")
+}
+
+/// Gives the bridge a MAC address of its own if it has none (an older berth made it, or
+/// someone else did). A bridge without one takes the lowest MAC of its ports and changes it
+/// as containers come and go; containers keep the old one in their ARP cache (TCP traffic
+/// keeps confirming it), and their packets to the host are dropped until it expires: seen
+/// as responses that never arrive when a new instance starts.
+fn pin_mac(bridge: &str) -> Result<(), Error> {
+    let dev = Path::new("/sys/class/net").join(bridge);
+    // 3 = NET_ADDR_SET: set by the user, never recalculated from the ports.
+    if fs::read_to_string(dev.join("addr_assign_type")).is_ok_and(|t| t.trim() == "3") {
+        return Ok(());
+    }
+    let mac = fs::read_to_string(dev.join("address")).map_err(io_err("reading the bridge's MAC address"))?;
+    ip_batch(None, &format!("link set {bridge} address {}\n", mac.trim()), &format!("pinning bridge {bridge}'s MAC"))
 }
 
 fn ip_batch(netns: Option<&str>, script: &str, what: &str) -> Result<(), Error> {
