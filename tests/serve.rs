@@ -868,3 +868,30 @@ fn the_exec_api_speaks_framed_bytes_over_an_upgrade() {
     drop(conn);
     assert!(Berth::wait_until(Duration::from_secs(10), || !sleeping()), "the command outlived its client");
 }
+
+#[test]
+fn a_service_that_says_h2c_gets_http2_upstream_connections() {
+    let b = Berth::new();
+    let s = Server::start(&b, &[]);
+    let nginx = berth_tests::world().image("anon", "nginx");
+    // Port 8081 of the test world's nginx speaks only HTTP/2 without TLS (prior knowledge).
+    deploy(&s, &b, "h2", &nginx, &["--port", "8081"]);
+    let r = s.get("h2", "/");
+    assert_eq!(r.status, 502, "HTTP/1.1 to an h2c-only port fails: {}", r.text());
+    let out = s.cli_ok(&b, &["https", "h2", "--h2c", "on"]);
+    assert!(out.contains("upstream: h2c"), "{out}");
+    let r = s.get("h2", "/hello");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), format!("nginx HTTP/2.0 host=h2.{}\n", s.domain), "the Host reaches the app over h2c");
+    // Many requests at once share the HTTP/2 connection(s); every one is answered.
+    let handles: Vec<_> = (0..20)
+        .map(|_| {
+            let (port, host) = (s.http, format!("h2.{}", s.domain));
+            std::thread::spawn(move || request(port, "GET", &host, "/", &[], b"").map(|r| r.status).unwrap_or(0))
+        })
+        .collect();
+    let codes: Vec<u16> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert!(codes.iter().all(|&c| c == 200), "{codes:?}");
+    s.cli_ok(&b, &["https", "h2", "--h2c", "off"]);
+    assert_eq!(s.get("h2", "/").status, 502, "back to HTTP/1.1");
+}

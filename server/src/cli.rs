@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 mod build;
+mod certs;
 mod client;
 mod container;
 mod exec;
@@ -141,6 +142,20 @@ pub enum Command {
         #[command(flatten)]
         conn: client::Conn,
     },
+    /// TLS certificates: `berth certs [ls]`, `add HOST --cert FILE --key FILE`, `rm HOST`.
+    Certs {
+        #[command(subcommand)]
+        cmd: Option<certs::CertsCommand>,
+        #[command(flatten)]
+        conn: client::Conn,
+    },
+    /// A service's HTTPS: `berth https NAME [--redirect on|off] [--hsts 1y|off]`.
+    Https {
+        #[command(flatten)]
+        args: certs::HttpsArgs,
+        #[command(flatten)]
+        conn: client::Conn,
+    },
     /// A service's git remotes and deploy branch: `berth git NAME [--deploy-branch BRANCH]`.
     Git {
         #[command(flatten)]
@@ -264,6 +279,8 @@ pub fn main() -> i32 {
         Command::Exec { args, conn } => Some(exec::exec(conn, &cli.data_dir, args)),
         Command::Keys { cmd, conn } => Some(git::keys(conn, &cli.data_dir, cmd)),
         Command::Git { args, conn } => Some(git::git(conn, &cli.data_dir, args)),
+        Command::Certs { cmd, conn } => Some(certs::certs(conn, &cli.data_dir, cmd.as_ref())),
+        Command::Https { args, conn } => Some(certs::https(conn, &cli.data_dir, args)),
         Command::GitHook { hook } => Some(git::hook(hook)),
         _ => None,
     };
@@ -315,6 +332,8 @@ pub fn main() -> i32 {
         | Command::Domains { .. }
         | Command::Keys { .. }
         | Command::Git { .. }
+        | Command::Certs { .. }
+        | Command::Https { .. }
         | Command::GitHook { .. }
         | Command::Exec { .. } => unreachable!("handled above"),
     };

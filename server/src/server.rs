@@ -23,6 +23,7 @@ pub mod proxy;
 pub mod scaling;
 pub mod secrets;
 pub mod settings;
+pub mod tls;
 pub mod token;
 
 pub use settings::{Args, Settings};
@@ -113,6 +114,10 @@ async fn serve(data_dir: &Path, mut cfg: berth_agent::Config, settings: Settings
     let http_listener = tokio::net::TcpListener::bind(settings.http_addr)
         .await
         .with_context(|| format!("--http-addr {}: binding", settings.http_addr))?;
+    let https_listener = match settings.https_addr {
+        Some(a) => Some(tokio::net::TcpListener::bind(a).await.with_context(|| format!("--https-addr {a}: binding"))?),
+        None => None,
+    };
     let ssh_listener = match settings.ssh_addr {
         Some(a) => Some(tokio::net::TcpListener::bind(a).await.with_context(|| format!("--ssh-addr {a}: binding"))?),
         None => None,
@@ -163,6 +168,19 @@ async fn serve(data_dir: &Path, mut cfg: berth_agent::Config, settings: Settings
     db::ensure_token(&db, token::ADMIN, &token::hash(&admin), token::ADMIN).await?;
 
     let platform = Arc::new(platform::Platform::new(&settings.domain, &settings.control_host));
+    let https_port = https_listener.as_ref().map(|l| l.local_addr().map(|a| a.port()).unwrap_or(443));
+    let tls = match &https_listener {
+        Some(_) => Some(
+            tls::Tls::new(
+                tls::Store::new(data_dir),
+                &settings.control_host,
+                settings.on_demand.clone(),
+                settings.acme.as_ref().map(|a| a.directory.as_str()),
+            )
+            .context("setting up TLS")?,
+        ),
+        None => None,
+    };
     let (actions, actions_rx) = tokio::sync::mpsc::unbounded_channel();
     let state = api::AppState {
         db: db.clone(),
@@ -179,6 +197,7 @@ async fn serve(data_dir: &Path, mut cfg: berth_agent::Config, settings: Settings
             Some(settings.build_memory),
             settings.builds,
         )),
+        tls: tls.clone(),
     };
     let adopted = load_services(&state).await?;
     write_gc_roots(&state).await;
@@ -211,6 +230,7 @@ async fn serve(data_dir: &Path, mut cfg: berth_agent::Config, settings: Settings
         settings.hold_body_limit,
         settings.header_timeout,
         subnet,
+        tls.clone().zip(https_port),
     ));
     tracing::info!(
         api = %settings.api_addr,
@@ -222,6 +242,8 @@ async fn serve(data_dir: &Path, mut cfg: berth_agent::Config, settings: Settings
         token_file = %data_dir.join(token::FILE).display(),
         database = %location.describe(),
         ssh = %ssh_listener.as_ref().and_then(|l| l.local_addr().ok()).map_or("off".into(), |a| a.to_string()),
+        https = %https_listener.as_ref().and_then(|l| l.local_addr().ok()).map_or("off".into(), |a| a.to_string()),
+        acme = %settings.acme.as_ref().map_or("off", |a| a.directory.as_str()),
         "berth server listening"
     );
     // Where the CLI finds this server when BERTH_API is not set.
@@ -240,12 +262,26 @@ async fn serve(data_dir: &Path, mut cfg: berth_agent::Config, settings: Settings
     if let (Some(l), Some(key)) = (ssh_listener, ssh_key) {
         tokio::spawn(git::ssh::serve(l, key, db.clone(), data_dir.to_path_buf(), stopped(stop_rx.clone())));
     }
+    if let (Some(tls), Some(acme)) = (&tls, &settings.acme) {
+        if tls.public_ca && tls::special_use(&settings.domain) {
+            tracing::warn!(
+                domain = %settings.domain,
+                "Let's Encrypt issues no certificate under a special-use domain: its services are served with the self-signed default certificate (use a real --domain, or --acme-directory for another CA)"
+            );
+        }
+        let p = platform.clone();
+        tokio::spawn(tls::acme::run(tls.clone(), acme.clone(), move || p.certificate_names()));
+    }
+    let tls_task = https_listener.map(|l| tokio::spawn(proxy.clone().serve_tls(l, stopped(stop_rx.clone()))));
     let proxy_task = tokio::spawn(proxy.serve(http_listener, stopped(stop_rx.clone())));
     let api_task =
         tokio::spawn(async move { axum::serve(api_listener, app).with_graceful_shutdown(stopped(stop_rx)).await });
     shutdown_signal().await;
     let _ = stop_tx.send(true);
     let _ = proxy_task.await;
+    if let Some(t) = tls_task {
+        let _ = t.await;
+    }
     // In-flight API calls (a deploy waiting) get a moment; instances keep running.
     let _ = tokio::time::timeout(Duration::from_secs(5), api_task).await;
     // Prepared containers are not instances: remove them rather than leave them to be found
@@ -275,6 +311,7 @@ async fn load_services(state: &api::AppState) -> anyhow::Result<usize> {
             rev.as_ref().map(|r| to_live_revision(&state.keys, &s.name, r)).transpose()?,
             state.actions.clone(),
         );
+        live.set_https(s.https);
         if let Some(traffic) = &s.traffic {
             let mut split = Vec::new();
             for t in traffic {

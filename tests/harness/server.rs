@@ -122,6 +122,8 @@ pub struct Server {
     pub http: u16,
     /// The SSH server's port (git push), unless `--ssh-addr` turned it off.
     pub ssh: u16,
+    /// The proxy's TLS port (`--https-addr`).
+    pub https: u16,
     pub domain: String,
     pub data_dir: PathBuf,
     /// The server's stderr (its log), appended across restarts.
@@ -151,6 +153,7 @@ impl Server {
         let api = free_port();
         let http = free_port();
         let ssh = free_port();
+        let https = free_port();
         let log = berth.data_dir().join("server.log");
         let mut args: Vec<String> = Vec::new();
         // Defaults, unless `extra` sets the option itself.
@@ -159,6 +162,10 @@ impl Server {
             ("--http-addr", format!("127.0.0.1:{http}")),
             // Every server its own SSH port: the default 0.0.0.0:2222 would be shared.
             ("--ssh-addr", format!("127.0.0.1:{ssh}")),
+            // And its own TLS port; no ACME CA unless a test starts one (tests never reach
+            // the internet, and the default is Let's Encrypt).
+            ("--https-addr", format!("127.0.0.1:{https}")),
+            ("--acme-directory", "off".into()),
             ("--domain", "test.local".into()),
         ] {
             if !extra.contains(&opt) {
@@ -181,11 +188,13 @@ impl Server {
         let api = last_port(&args, "--api-addr").unwrap_or(api);
         let http = last_port(&args, "--http-addr").unwrap_or(http);
         let ssh = last_port(&args, "--ssh-addr").unwrap_or(ssh);
+        let https = last_port(&args, "--https-addr").unwrap_or(https);
         let mut s = Server {
             child: spawn(berth, &args, &log),
             api,
             http,
             ssh,
+            https,
             domain: "test.local".into(),
             data_dir: berth.data_dir().to_path_buf(),
             log,

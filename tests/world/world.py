@@ -54,7 +54,7 @@ RECIPES = {
     "busybox": "1",
     "busybox-zstd": "1",
     "python": "5",
-    "nginx": "2",
+    "nginx": "3",
 }
 IMAGE_NAMES = list(RECIPES)
 
@@ -744,6 +744,11 @@ http {
     server {
         listen 8080;
         location / { default_type text/plain; return 200 "nginx ok\\n"; }
+    }
+    # HTTP/2 without TLS (h2c, prior knowledge) only: for upstreams that speak h2c.
+    server {
+        listen 8081 http2;
+        location / { default_type text/plain; return 200 "nginx $server_protocol host=$host\\n"; }
     }
 }
 """

@@ -9,6 +9,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 
 pub mod builds;
+pub(super) mod certs;
 mod domains;
 mod env;
 pub mod exec;
@@ -37,6 +38,8 @@ pub struct AppState {
     pub keys: super::secrets::Keyring,
     /// Build limits and slots.
     pub builds: std::sync::Arc<builds::Builds>,
+    /// Certificates (None: no `--https-addr`).
+    pub tls: Option<std::sync::Arc<super::tls::Tls>>,
 }
 
 impl AppState {
@@ -101,6 +104,7 @@ pub fn router(state: AppState) -> Router {
         .merge(tokens::router())
         .merge(exec::router())
         .merge(keys::router())
+        .merge(certs::router())
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .with_state(state.clone());
     let v1 = Router::new().route("/health", get(health)).route("/openapi.json", get(openapi::serve)).merge(authed);

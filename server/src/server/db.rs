@@ -125,13 +125,14 @@ pub struct Service {
     pub traffic: Option<Vec<TrafficView>>,
     /// Tags: each reaches one revision at `<tag>--<service>.<domain>`.
     pub tags: BTreeMap<String, i64>,
+    pub https: super::platform::Https,
     pub created_at: String,
     pub updated_at: String,
 }
 
 const SERVICE_COLUMNS: &str = "id, name, port, env, secrets, health_path, volumes, release_command, memory, cpu_millis, min, max, concurrency, freeze_after_ms, \
                                stop_after_ms, request_timeout_ms, queue, target, stable_window_ms, revision, traffic, tags, \
-                               created_at, updated_at";
+                               https, created_at, updated_at";
 
 fn env_from(name: &str, text: &str) -> anyhow::Result<BTreeMap<String, String>> {
     serde_json::from_str(text).with_context(|| format!("service {name}: stored env is not a JSON object"))
@@ -179,6 +180,8 @@ fn service_from_row(row: &SqliteRow) -> anyhow::Result<Service> {
         },
         tags: serde_json::from_str(&row.try_get::<String, _>("tags")?)
             .with_context(|| format!("service {name}: stored tags"))?,
+        https: serde_json::from_str(&row.try_get::<String, _>("https")?)
+            .with_context(|| format!("service {name}: stored https settings"))?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
         name,
@@ -310,6 +313,18 @@ pub async fn set_scaling(pool: &SqlitePool, name: &str, sc: &Scaling) -> anyhow:
         .execute(pool)
         .await
         .with_context(|| format!("updating the scaling of service {name}"))?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Sets a service's HTTPS settings; false if there is no such service.
+pub async fn set_https(pool: &SqlitePool, name: &str, h: &super::platform::Https) -> anyhow::Result<bool> {
+    let done = sqlx::query("UPDATE services SET https = $1, updated_at = $2 WHERE name = $3")
+        .bind(serde_json::to_string(h)?)
+        .bind(now())
+        .bind(name)
+        .execute(pool)
+        .await
+        .with_context(|| format!("updating the HTTPS settings of service {name}"))?;
     Ok(done.rows_affected() == 1)
 }
 

@@ -260,6 +260,20 @@ pub struct Service {
     prepared: std::sync::atomic::AtomicBool,
     inner: Mutex<Inner>,
     actions: mpsc::UnboundedSender<Action>,
+    https: std::sync::RwLock<Https>,
+}
+
+/// A service's HTTPS settings (`berth https`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[serde(default)]
+pub struct Https {
+    /// Plain HTTP requests are redirected (308) to HTTPS, except ACME HTTP-01 challenges.
+    pub redirect: bool,
+    /// Seconds of `Strict-Transport-Security: max-age` on HTTPS responses; None: no header.
+    pub hsts_max_age: Option<u64>,
+    /// The instances speak HTTP/2 without TLS (h2c, prior knowledge): the proxy's upstream
+    /// connections use it instead of HTTP/1.1 (upgrades such as WebSockets then fail).
+    pub h2c: bool,
 }
 
 /// A counted use of one instance: the proxy holds it while a request (or an upgraded
@@ -382,6 +396,7 @@ impl Service {
                 next_slot: 1,
             }),
             actions,
+            https: Default::default(),
         })
     }
 
@@ -404,6 +419,19 @@ impl Service {
 
     pub fn scaling(&self) -> Scaling {
         self.lock().scaling
+    }
+
+    pub fn https(&self) -> Https {
+        *self.https.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn set_https(&self, h: Https) {
+        *self.https.write().unwrap_or_else(|e| e.into_inner()) = h;
+    }
+
+    /// The tags that name one of its revisions.
+    pub fn tag_names(&self) -> Vec<String> {
+        self.lock().tags.keys().cloned().collect()
     }
 
     pub fn revision(&self) -> Option<Arc<Revision>> {
@@ -1139,6 +1167,29 @@ impl Platform {
         self.hosts.remove(host);
     }
 
+    /// The names service `name` answers at: `<service>.<domain>`, its tag names and its
+    /// custom domains.
+    pub fn names_of(&self, svc: &Service) -> Vec<String> {
+        let mut v = vec![format!("{}{}", svc.name, self.suffix)];
+        v.extend(svc.tag_names().into_iter().map(|t| format!("{t}--{}{}", svc.name, self.suffix)));
+        v.extend(self.hosts.iter().filter(|e| e.value() == &svc.name).map(|e| e.key().clone()));
+        v
+    }
+
+    /// Every name the proxy answers at, each wanting a certificate: the control host and
+    /// every service's names.
+    pub fn certificate_names(&self) -> Vec<String> {
+        let mut v = vec![self.control_host.clone()];
+        for s in self.all() {
+            v.extend(self.names_of(&s));
+        }
+        v
+    }
+
+    pub fn control_host(&self) -> &str {
+        &self.control_host
+    }
+
     pub fn all(&self) -> Vec<Arc<Service>> {
         self.services.iter().map(|e| e.value().clone()).collect()
     }
@@ -1187,7 +1238,7 @@ pub fn normalize_host(host: &str) -> String {
     } else {
         host.rsplit_once(':').filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit())).map_or(host, |(h, _)| h)
     };
-    name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase()
+    super::tls::normalize(name)
 }
 
 #[cfg(test)]

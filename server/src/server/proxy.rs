@@ -46,6 +46,7 @@ mod framing;
 
 use super::platform::{Acquired, Lease, Platform, Refusal, Route, Service};
 use super::settings::Cidr;
+use super::tls::Tls;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type ResolveFn = fn(Name) -> std::future::Ready<Result<std::iter::Once<SocketAddr>, std::io::Error>>;
@@ -86,12 +87,19 @@ const MAX_HEAD: usize = 64 * 1024;
 pub struct Proxy {
     platform: Arc<Platform>,
     client: Client<HttpConnector<Resolver>, Body>,
+    /// HTTP/2 connections to instances of services that speak h2c, one per instance (it
+    /// multiplexes), by [`instance_authority`].
+    h2c: dashmap::DashMap<String, hyper::client::conn::http2::SendRequest<Body>>,
     control: axum::Router,
     trusted: Vec<Cidr>,
     hold_body_limit: usize,
     header_timeout: Duration,
     /// Containers' subnet: they are not let through to the control host.
     containers: berth_agent::network::Subnet,
+    /// TLS on `--https-addr`: certificates and the ACME challenges.
+    tls: Option<Arc<Tls>>,
+    /// The port HTTPS redirects name (omitted when it is 443).
+    https_port: Option<u16>,
 }
 
 impl Proxy {
@@ -102,7 +110,12 @@ impl Proxy {
         hold_body_limit: usize,
         header_timeout: Duration,
         containers: berth_agent::network::Subnet,
+        https: Option<(Arc<Tls>, u16)>,
     ) -> Proxy {
+        let (tls, https_port) = match https {
+            Some((t, p)) => (Some(t), Some(p)),
+            None => (None, None),
+        };
         let mut http = HttpConnector::new_with_resolver(tower::service_fn(resolve as ResolveFn));
         http.set_nodelay(true);
         http.set_connect_timeout(Some(Duration::from_secs(5)));
@@ -110,7 +123,66 @@ impl Proxy {
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_timer(TokioTimer::new())
             .build(http);
-        Proxy { platform, client, control, trusted, hold_body_limit, header_timeout, containers }
+        let h2c = dashmap::DashMap::new();
+        Proxy { platform, client, h2c, control, trusted, hold_body_limit, header_timeout, containers, tls, https_port }
+    }
+
+    /// Accepts TLS connections on `--https-addr` until `shutdown` resolves: the handshake
+    /// picks the certificate (see [`Tls::accept`]), then HTTP/2 or HTTP/1.1 as ALPN chose.
+    pub async fn serve_tls(self: Arc<Self>, listener: TcpListener, shutdown: impl std::future::Future<Output = ()>) {
+        let Some(tls) = self.tls.clone() else { return };
+        tokio::pin!(shutdown);
+        loop {
+            let (stream, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "proxy TLS accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = &mut shutdown => return,
+            };
+            let _ = stream.set_nodelay(true);
+            let me = self.clone();
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let platform = me.platform.clone();
+                let wanted = move |name: &str| !matches!(platform.route(name, false), Route::Unknown(_));
+                let handshake = tokio::time::timeout(Duration::from_secs(40), tls.accept(stream, wanted)).await;
+                let (stream, h2) = match handshake {
+                    Ok(Ok(Some(s))) => s,
+                    Ok(Ok(None)) => return,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+                let timeout = me.header_timeout;
+                if h2 {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let me = me.clone();
+                        async move { Ok::<_, Infallible>(me.handle(req, peer, framing::Note::default(), true).await) }
+                    });
+                    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                    b.timer(TokioTimer::new()).max_header_list_size(MAX_HEAD as u32);
+                    let _ = b.serve_connection(TokioIo::new(stream), svc).await;
+                } else {
+                    let flags = framing::Flags::default();
+                    let io = TokioIo::new(framing::Watched::new(stream, flags.clone(), MAX_HEAD));
+                    let svc = hyper::service::service_fn(move |req| {
+                        let me = me.clone();
+                        let note = flags.lock().unwrap_or_else(|e| e.into_inner()).pop_front().unwrap_or_default();
+                        async move { Ok::<_, Infallible>(me.handle(req, peer, note, true).await) }
+                    });
+                    let mut b = hyper::server::conn::http1::Builder::new();
+                    b.timer(TokioTimer::new()).header_read_timeout(timeout).max_buf_size(2 * MAX_HEAD);
+                    let _ = b.serve_connection(io, svc).with_upgrades().await;
+                }
+            });
+        }
     }
 
     /// Accepts connections until `shutdown` resolves.
@@ -138,7 +210,7 @@ impl Proxy {
                 let svc = hyper::service::service_fn(move |req| {
                     let me = me.clone();
                     let note = flags.lock().unwrap_or_else(|e| e.into_inner()).pop_front().unwrap_or_default();
-                    async move { Ok::<_, Infallible>(me.handle(req, peer, note).await) }
+                    async move { Ok::<_, Infallible>(me.handle(req, peer, note, false).await) }
                 });
                 let mut b = hyper::server::conn::http1::Builder::new();
                 // hyper's buffer is larger than MAX_HEAD so that the scanner's limit, with a
@@ -151,7 +223,14 @@ impl Proxy {
 
     /// `note`: what the connection's scanner saw in this request's head (hyper resolves a
     /// Content-Length + Transfer-Encoding conflict itself, so only the scanner can tell).
-    pub async fn handle(&self, mut req: Request<Incoming>, peer: SocketAddr, note: framing::Note) -> Response<Body> {
+    /// `https`: the request came over TLS.
+    pub async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        peer: SocketAddr,
+        note: framing::Note,
+        https: bool,
+    ) -> Response<Body> {
         let close = |mut r: Response<Body>| {
             r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
             r
@@ -212,6 +291,16 @@ impl Proxy {
         };
         let from_container =
             matches!(peer.ip().to_canonical(), std::net::IpAddr::V4(ip) if self.containers.contains(ip));
+        // An ACME HTTP-01 validation: answered here, before routing and never redirected.
+        if let (false, Some(tls), Some(token)) =
+            (https, &self.tls, req.uri().path().strip_prefix(super::tls::HTTP01_PREFIX))
+        {
+            if let Some(ka) = tls.http01(token) {
+                let mut r = Response::new(Full::new(Bytes::from(ka)).map_err(|n| match n {}).boxed_unsync());
+                r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+                return r;
+            }
+        }
         match self.platform.route(&host, from_container) {
             Route::Control => {
                 if from_container {
@@ -231,8 +320,41 @@ impl Proxy {
             Route::Unknown(host) => {
                 error(StatusCode::NOT_FOUND, "unknown-host", format!("no service answers at {host:?}"))
             }
-            Route::Service(svc, tag) => self.forward(svc, tag, req, peer, &host).await,
+            Route::Service(svc, tag) => {
+                let settings = svc.https();
+                let challenge = req.uri().path().starts_with(super::tls::HTTP01_PREFIX);
+                if !https && settings.redirect && !challenge && !from_container && self.https_port.is_some() {
+                    return self.redirect(&host, &req);
+                }
+                let mut resp = self.forward(svc, tag, req, peer, &host, https).await;
+                if let (true, Some(age)) = (https, settings.hsts_max_age) {
+                    if let Ok(v) = HeaderValue::from_str(&format!("max-age={age}")) {
+                        resp.headers_mut().insert(header::STRICT_TRANSPORT_SECURITY, v);
+                    }
+                }
+                resp
+            }
         }
+    }
+
+    /// 308 to the same URL over HTTPS (the method and body are kept by the client).
+    fn redirect(&self, host: &str, req: &Request<Incoming>) -> Response<Body> {
+        let name = super::platform::normalize_host(host);
+        let authority = match self.https_port {
+            Some(443) | None => name,
+            Some(p) => format!("{name}:{p}"),
+        };
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let location = format!("https://{authority}{path}");
+        let mut r = error(
+            StatusCode::PERMANENT_REDIRECT,
+            "https-redirect",
+            format!("this service is served over HTTPS: {location}"),
+        );
+        if let Ok(v) = HeaderValue::from_str(&location) {
+            r.headers_mut().insert(header::LOCATION, v);
+        }
+        r
     }
 
     async fn forward(
@@ -242,6 +364,7 @@ impl Proxy {
         mut req: Request<Incoming>,
         peer: SocketAddr,
         host: &str,
+        https: bool,
     ) -> Response<Body> {
         let timeout = Duration::from_millis(svc.scaling().request_timeout_ms);
         let deadline = Instant::now() + timeout;
@@ -292,7 +415,7 @@ impl Proxy {
             }
         };
 
-        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
         parts.uri = match Uri::try_from(format!("http://{}{path}", instance_authority(svc.id, &lease))) {
             Ok(u) => u,
             Err(_) => {
@@ -307,7 +430,7 @@ impl Proxy {
             parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             parts.headers.insert(header::UPGRADE, p);
         }
-        self.set_forwarded(&mut parts.headers, peer, host);
+        self.set_forwarded(&mut parts.headers, peer, host, https);
         if !parts.headers.contains_key(header::HOST) {
             if let Ok(v) = HeaderValue::from_str(host) {
                 parts.headers.insert(header::HOST, v);
@@ -318,16 +441,34 @@ impl Proxy {
         } else {
             Prefixed { held: held.into(), rest: (!body_done).then_some(incoming) }.boxed_unsync()
         };
-        let upstream = Request::from_parts(parts, body);
-        let resp = match tokio::time::timeout_at(deadline, self.client.request(upstream)).await {
+        let h2c = svc.https().h2c;
+        let sent = if h2c {
+            // HTTP/2 names the host in :authority, not Host (RFC 9113 §8.3.1).
+            let authority = parts.headers.remove(header::HOST).and_then(|h| h.to_str().ok().map(str::to_string));
+            let authority = authority.unwrap_or_else(|| host.to_string());
+            parts.uri = match Uri::try_from(format!("http://{authority}{path}")) {
+                Ok(u) => u,
+                Err(_) => {
+                    return error(StatusCode::BAD_REQUEST, "bad-request", "the Host is not a valid authority".into())
+                }
+            };
+            parts.version = http::Version::HTTP_2;
+            let key = instance_authority(svc.id, &lease);
+            let upstream = Request::from_parts(parts, body);
+            futures_util::future::Either::Left(self.h2c_send(key, lease.addr, upstream))
+        } else {
+            let upstream = Request::from_parts(parts, body);
+            futures_util::future::Either::Right(async { self.client.request(upstream).await.map_err(BoxError::from) })
+        };
+        let resp = match tokio::time::timeout_at(deadline, sent).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
                 svc.suspect(lease.slot());
-                tracing::warn!(service = %svc.name, addr = %lease.addr, error = %error_chain(&e), "upstream request failed");
+                tracing::warn!(service = %svc.name, addr = %lease.addr, error = %error_chain(&*e), "upstream request failed");
                 return error(
                     StatusCode::BAD_GATEWAY,
                     "upstream-failed",
-                    format!("the instance of service {} failed to answer: {}", svc.name, error_chain(&e)),
+                    format!("the instance of service {} failed to answer: {}", svc.name, error_chain(&*e)),
                 );
             }
             Err(_) => {
@@ -355,7 +496,38 @@ impl Proxy {
         )
     }
 
-    fn set_forwarded(&self, h: &mut HeaderMap, peer: SocketAddr, host: &str) {
+    /// Sends over the instance's HTTP/2 connection, opening it (prior knowledge) if there is
+    /// none or it closed.
+    async fn h2c_send(
+        &self,
+        key: String,
+        addr: SocketAddr,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, BoxError> {
+        let open = self.h2c.get(&key).map(|s| s.clone()).filter(|s| !s.is_closed());
+        let mut sender = match open {
+            Some(s) => s,
+            None => {
+                let tcp = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+                    .await
+                    .map_err(|_| BoxError::from(format!("connecting to {addr} timed out")))??;
+                let _ = tcp.set_nodelay(true);
+                let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .handshake(TokioIo::new(tcp))
+                    .await?;
+                tokio::spawn(conn);
+                // Connections of stopped instances go with them.
+                self.h2c.retain(|_, s| !s.is_closed());
+                self.h2c.insert(key, sender.clone());
+                sender
+            }
+        };
+        sender.ready().await?;
+        Ok(sender.send_request(req).await?)
+    }
+
+    fn set_forwarded(&self, h: &mut HeaderMap, peer: SocketAddr, host: &str, https: bool) {
         let ip = peer.ip().to_canonical();
         let trusted = self.trusted.iter().any(|c| c.contains(ip));
         let xff = HeaderName::from_static("x-forwarded-for");
@@ -376,7 +548,7 @@ impl Proxy {
             h.insert(xff, v);
         }
         if !(trusted && h.contains_key(&xfp)) {
-            h.insert(xfp, HeaderValue::from_static("http"));
+            h.insert(xfp, HeaderValue::from_static(if https { "https" } else { "http" }));
         }
         if !(trusted && h.contains_key(&xfh)) {
             if let Ok(v) = HeaderValue::from_str(host) {

@@ -51,6 +51,33 @@ pub struct Args {
     /// Builds that run at once; more wait their turn.
     #[arg(long, env = "BERTH_BUILDS", default_value_t = 2, value_name = "N")]
     pub builds: usize,
+    /// Where the proxy listens for HTTPS (TLS, HTTP/2 and HTTP/1.1; "off": no TLS listener).
+    #[arg(long, env = "BERTH_HTTPS_ADDR", default_value = "0.0.0.0:443", value_name = "ADDR")]
+    pub https_addr: String,
+    /// The ACME CA's directory URL certificates are ordered from ("off": order nothing).
+    #[arg(long, env = "BERTH_ACME_DIRECTORY", default_value = super::tls::acme::LETS_ENCRYPT, value_name = "URL")]
+    pub acme_directory: String,
+    /// The contact address of the ACME account (the CA's expiry warnings go there).
+    #[arg(long, env = "BERTH_ACME_EMAIL", value_name = "EMAIL")]
+    pub acme_email: Option<String>,
+    /// A PEM root to trust for the ACME directory's own HTTPS, besides the system's (a test CA).
+    #[arg(long, env = "BERTH_ACME_CA_ROOT", value_name = "FILE")]
+    pub acme_ca_root: Option<std::path::PathBuf>,
+    /// How the CA validates a name: http-01 (the proxy's HTTP listener must be the name's port
+    /// 80) or tls-alpn-01 (its HTTPS listener must be the name's port 443).
+    #[arg(long, env = "BERTH_ACME_CHALLENGE", default_value = "http-01", value_name = "TYPE")]
+    pub acme_challenge: String,
+    /// The wait before retrying a failed order, like 1m; it doubles with each failure in a row,
+    /// up to a day.
+    #[arg(long, env = "BERTH_ACME_RETRY", default_value = "1m", value_name = "DUR")]
+    pub acme_retry: String,
+    /// Names (or *.example.com patterns) whose certificate is ordered during their first
+    /// handshake, though no service answers there; repeat it or separate with commas.
+    #[arg(long, env = "BERTH_TLS_ON_DEMAND_ALLOW", value_name = "NAMES", value_delimiter = ',')]
+    pub tls_on_demand_allow: Vec<String>,
+    /// A URL asked GET URL?domain=NAME before an on-demand order; only a 200 allows it.
+    #[arg(long, env = "BERTH_TLS_ON_DEMAND_ASK", value_name = "URL")]
+    pub tls_on_demand_ask: Option<String>,
 }
 
 /// The machine's memory, from /proc/meminfo.
@@ -78,6 +105,11 @@ pub struct Settings {
     pub build_cpus: f64,
     pub build_memory: u64,
     pub builds: usize,
+    /// None: no TLS listener.
+    pub https_addr: Option<SocketAddr>,
+    /// None: no ACME.
+    pub acme: Option<super::tls::acme::Config>,
+    pub on_demand: super::tls::OnDemand,
 }
 
 impl Settings {
@@ -88,9 +120,9 @@ impl Settings {
         let Some(domain) = &args.domain else {
             return Err("--domain is required (or BERTH_DOMAIN): services answer at <service>.<domain>".into());
         };
-        let domain = dns_name(domain).map_err(|e| format!("--domain {domain:?}: {e}"))?;
+        let domain = dns_name(&super::tls::normalize(domain)).map_err(|e| format!("--domain {domain:?}: {e}"))?;
         let control_host = match &args.control_host {
-            Some(h) => dns_name(h).map_err(|e| format!("--control-host {h:?}: {e}"))?,
+            Some(h) => dns_name(&super::tls::normalize(h)).map_err(|e| format!("--control-host {h:?}: {e}"))?,
             None => {
                 let h = format!("berth.{domain}");
                 dns_name(&h).map_err(|e| format!("--control-host (default {h:?}): {e}; set it explicitly"))?
@@ -140,6 +172,60 @@ impl Settings {
         if !(1..=64).contains(&args.builds) {
             return Err(format!("--builds {}: from 1 to 64", args.builds));
         }
+        let https_addr = match args.https_addr.trim() {
+            "" | "off" => None,
+            s => Some(addr("--https-addr", s)?),
+        };
+        if let Some(h) = https_addr.filter(|a| a.port() != 0 && (*a == http_addr || *a == api_addr)) {
+            return Err(format!("--https-addr {h} is also --http-addr or --api-addr: TLS needs its own port"));
+        }
+        let acme = match args.acme_directory.trim() {
+            "" | "off" => None,
+            url => {
+                let u = reqwest::Url::parse(url).map_err(|e| format!("--acme-directory {url:?}: {e}"))?;
+                if u.scheme() != "https" {
+                    return Err(format!("--acme-directory {url:?}: an ACME directory is an https:// URL"));
+                }
+                if let Some(root) = &args.acme_ca_root {
+                    super::tls::acme::check_ca_root(root)?;
+                }
+                if let Some(e) = &args.acme_email {
+                    if !e.contains('@') || e.contains(char::is_whitespace) {
+                        return Err(format!("--acme-email {e:?}: not an email address"));
+                    }
+                }
+                let retry = super::scaling::parse_duration(&args.acme_retry)
+                    .map(std::time::Duration::from_millis)
+                    .map_err(|e| format!("--acme-retry: {e}"))?;
+                if retry < std::time::Duration::from_secs(1) {
+                    return Err(format!("--acme-retry {:?}: at least 1s", args.acme_retry));
+                }
+                Some(super::tls::acme::Config {
+                    directory: url.to_string(),
+                    email: args.acme_email.clone(),
+                    ca_root: args.acme_ca_root.clone(),
+                    challenge: super::tls::acme::Challenge::parse(&args.acme_challenge)?,
+                    retry,
+                })
+            }
+        };
+        let mut allow = Vec::new();
+        for n in args.tls_on_demand_allow.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+            let (wild, rest) = match n.strip_prefix("*.") {
+                Some(r) => ("*.", r),
+                None => ("", n),
+            };
+            let name =
+                dns_name(&super::tls::normalize(rest)).map_err(|e| format!("--tls-on-demand-allow {n:?}: {e}"))?;
+            allow.push(format!("{wild}{name}"));
+        }
+        if let Some(u) = &args.tls_on_demand_ask {
+            reqwest::Url::parse(u)
+                .ok()
+                .filter(|u| matches!(u.scheme(), "http" | "https"))
+                .ok_or_else(|| format!("--tls-on-demand-ask {u:?}: not an http(s) URL"))?;
+        }
+        let on_demand = super::tls::OnDemand { allow, ask: args.tls_on_demand_ask.clone() };
         if args.prepared > 1000 {
             return Err(format!("--prepared {}: at most 1000", args.prepared));
         }
@@ -156,6 +242,9 @@ impl Settings {
             build_cpus,
             build_memory,
             builds: args.builds,
+            https_addr,
+            acme,
+            on_demand,
             database_url: match &args.database_url {
                 Some(url) => {
                     super::db::Location::parse(Some(url), std::path::Path::new("."))?;
@@ -356,6 +445,14 @@ mod tests {
             build_cpus: None,
             build_memory: None,
             builds: 2,
+            https_addr: "0.0.0.0:443".into(),
+            acme_directory: crate::server::tls::acme::LETS_ENCRYPT.into(),
+            acme_email: None,
+            acme_ca_root: None,
+            acme_challenge: "http-01".into(),
+            acme_retry: "1m".into(),
+            tls_on_demand_allow: vec![],
+            tls_on_demand_ask: None,
         }
     }
 
@@ -370,6 +467,14 @@ mod tests {
             (|a| a.domain = Some("bad domain".into()), "--domain \"bad domain\": label"),
             (|a| a.api_addr = "nonsense".into(), "--api-addr \"nonsense\": not an address"),
             (|a| a.http_addr = "127.0.0.1".into(), "--http-addr \"127.0.0.1\""),
+            (|a| a.https_addr = "127.0.0.1:7070".into(), "--https-addr 127.0.0.1:7070 is also"),
+            (|a| a.acme_directory = "http://ca.example/dir".into(), "an ACME directory is an https:// URL"),
+            (|a| a.acme_challenge = "dns-01".into(), "--acme-challenge \"dns-01\": expected http-01 or tls-alpn-01"),
+            (|a| a.acme_retry = "0s".into(), "--acme-retry \"0s\": at least 1s"),
+            (|a| a.acme_email = Some("nobody".into()), "--acme-email \"nobody\": not an email address"),
+            (|a| a.acme_ca_root = Some("/nonexistent.pem".into()), "--acme-ca-root /nonexistent.pem: No such file"),
+            (|a| a.tls_on_demand_allow = vec!["a b".into()], "--tls-on-demand-allow \"a b\""),
+            (|a| a.tls_on_demand_ask = Some("ftp://x".into()), "--tls-on-demand-ask \"ftp://x\": not an http(s) URL"),
             (|a| a.control_host = Some("a_b".into()), "--control-host \"a_b\""),
             (|a| a.ssh_addr = "2222".into(), "--ssh-addr \"2222\": not an address"),
             (|a| a.ssh_addr = "127.0.0.1:7070".into(), "SSH needs its own port"),

@@ -17,13 +17,13 @@ pub fn router() -> Router<AppState> {
 }
 
 /// Checks a host name a user gives a service, and returns it normalised (lowercase, without a
-/// trailing dot). The platform's own names (the control host, `*.<domain>`, `*.internal`)
+/// trailing dot, an internationalised name in punycode). The platform's own names (the control host, `*.<domain>`, `*.internal`)
 /// are not for the taking.
 pub fn check_host(host: &str, domain: &str, control_host: &str) -> Result<String, String> {
-    let h = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+    let h = crate::server::tls::normalize(host);
     let why = |e: String| format!("host: {host:?} {e}");
     if !h.is_ascii() {
-        return Err(why("is not ASCII: give an internationalised name in its punycode form (xn--...)".into()));
+        return Err(why("is not a valid internationalised name (IDNA)".into()));
     }
     if h.len() > 253 {
         return Err(why(format!("is {} characters long, at most 253 are allowed", h.len())));
@@ -103,6 +103,8 @@ mod tests {
         let c = |h| check_host(h, "apps.test", "berth.apps.test");
         assert_eq!(c("WWW.Example.COM."), Ok("www.example.com".into()));
         assert_eq!(c("example.com"), Ok("example.com".into()));
+        // Internationalised names are kept in punycode, as TLS and DNS see them.
+        assert_eq!(c("Bücher.de."), Ok("xn--bcher-kva.de".into()));
         for (bad, want) in [
             ("localhost", "single label"),
             ("10.0.0.1", "IP address"),
@@ -113,7 +115,6 @@ mod tests {
             ("web.apps.test", "under the platform's domain"),
             ("apps.test", "under the platform's domain"),
             ("db.internal", ".internal"),
-            ("bücher.de", "punycode"),
             ("a_b.example.com", "contains '_'"),
             ("-a.example.com", "starts or ends"),
             ("a..example.com", "is empty"),

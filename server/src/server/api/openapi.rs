@@ -11,7 +11,7 @@ use schemars::generate::{SchemaGenerator, SchemaSettings};
 use schemars::JsonSchema;
 use serde_json::{json, Map, Value};
 
-use super::{exec, keys, services, tokens, traffic};
+use super::{certs, exec, keys, services, tokens, traffic};
 use crate::server::{db, platform};
 
 /// `{"error": "..."}`: every failure.
@@ -228,6 +228,43 @@ pub const OPERATIONS: &[Operation] = &[
         &[(200, Some(of::<services::View>))],
     ),
     op("delete", "/services/{name}", "deleteService", "Delete a service", &[NAME], None, &[(204, None)]),
+    op(
+        "patch",
+        "/services/{name}/https",
+        "setHttps",
+        "Change a service's HTTP to HTTPS redirect and HSTS",
+        &[NAME],
+        Some(of::<services::HttpsPatch>),
+        &[(200, Some(of::<services::View>))],
+    ),
+    op(
+        "get",
+        "/certs",
+        "listCerts",
+        "The certificate of every name the proxy answers at (and uploaded ones)",
+        &[],
+        None,
+        &[(200, Some(of::<Vec<crate::server::tls::CertStatus>>))],
+    ),
+    op(
+        "get",
+        "/certs/{host}",
+        "getCert",
+        "One name's certificate",
+        &[HOST],
+        None,
+        &[(200, Some(of::<crate::server::tls::CertStatus>))],
+    ),
+    op(
+        "put",
+        "/certs/{host}",
+        "uploadCert",
+        "Serve your own certificate and key for a host",
+        &[HOST],
+        Some(of::<certs::Upload>),
+        &[(200, Some(of::<crate::server::tls::CertStatus>))],
+    ),
+    op("delete", "/certs/{host}", "deleteCert", "Stop serving an uploaded certificate", &[HOST], None, &[(204, None)]),
     op(
         "patch",
         "/services/{name}/scaling",

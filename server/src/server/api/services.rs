@@ -24,6 +24,7 @@ pub fn router() -> Router<AppState> {
         .route("/services", get(list).post(create))
         .route("/services/{name}", get(read).patch(update).delete(remove))
         .route("/services/{name}/scaling", patch(set_scaling))
+        .route("/services/{name}/https", patch(set_https))
         .route("/services/{name}/deploys", post(deploy).get(list_deploys))
         .route("/services/{name}/deploys/{id}", get(read_deploy))
         .route("/services/{name}/instances", get(instances))
@@ -121,6 +122,10 @@ pub(super) struct View {
     tags: BTreeMap<String, i64>,
     /// Extra host names it answers at.
     domains: Vec<String>,
+    /// HTTPS redirect and HSTS (`berth https`).
+    https: platform::Https,
+    /// The certificate of each name it answers at (empty without `--https-addr`).
+    certificates: Vec<crate::server::tls::CertStatus>,
     /// Revisions whose autoscaler is in panic mode.
     panicking: Vec<i64>,
     image: Option<String>,
@@ -163,7 +168,13 @@ impl View {
             prepared: false,
             crashes: 0,
         });
+        let certificates = match (&state.tls, state.platform.get(&s.name)) {
+            (Some(tls), Some(svc)) => state.platform.names_of(&svc).iter().map(|n| tls.status(n)).collect(),
+            _ => Vec::new(),
+        };
         View {
+            https: s.https,
+            certificates,
             url: state.url(&s.name),
             scaling: s.scaling.view(),
             port: s.port,
@@ -403,6 +414,7 @@ pub(super) async fn insert(state: &AppState, name: &str, settings: &Settings) ->
         revision: None,
         traffic: None,
         tags: BTreeMap::new(),
+        https: Default::default(),
         created_at: now.clone(),
         updated_at: now,
     };
@@ -506,6 +518,47 @@ async fn set_scaling(
         live.set_scaling(scaling);
     }
     tracing::info!(service = %name, "scaling changed");
+    Ok(Json(view(&state, &name).await?))
+}
+
+#[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct HttpsPatch {
+    /// Redirect plain HTTP to HTTPS (308), except ACME challenges.
+    redirect: Option<bool>,
+    /// Strict-Transport-Security max-age in seconds, at most two years; 0 turns it off.
+    #[schemars(range(max = 63072000))]
+    hsts_max_age: Option<u64>,
+    /// The instances speak h2c (HTTP/2 without TLS): upstream connections use it.
+    h2c: Option<bool>,
+}
+
+/// Changes a service's HTTPS redirect and HSTS; fields left out keep their value.
+async fn set_https(State(state): State<AppState>, Path(name): Path<String>, bytes: Bytes) -> Result<Json<View>, Error> {
+    let patch: HttpsPatch = body(&bytes)?;
+    let service = find(&state, &name).await?;
+    let mut h = service.https;
+    if let Some(r) = patch.redirect {
+        h.redirect = r;
+    }
+    if let Some(v) = patch.h2c {
+        h.h2c = v;
+    }
+    match patch.hsts_max_age {
+        Some(0) => h.hsts_max_age = None,
+        Some(n) if n > 2 * 365 * 86400 => {
+            return Err(Error::BadRequest(format!("hsts_max_age: {n} is more than two years (63072000)")))
+        }
+        Some(n) => h.hsts_max_age = Some(n),
+        None => {}
+    }
+    if !db::set_https(&state.db, &name, &h).await? {
+        return Err(Error::NotFound(format!("no service named {name:?}")));
+    }
+    if let Some(live) = state.platform.get(&name) {
+        live.set_https(h);
+    }
+    tracing::info!(service = %name, redirect = h.redirect, hsts = ?h.hsts_max_age, "https settings changed");
     Ok(Json(view(&state, &name).await?))
 }
 
