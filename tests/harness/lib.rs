@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
+pub mod pebble;
 pub mod server;
 pub mod terminal;
 
