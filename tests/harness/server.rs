@@ -12,9 +12,19 @@ use serde_json::Value;
 
 use crate::Berth;
 
-/// A port nobody listens on right now.
+/// A port nobody listens on right now, and not handed out before by this process: ports
+/// are picked before the servers that bind them start, and the kernel may give a port that
+/// was just released (one test's --https-addr) to the next ephemeral bind (another --api-addr).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("binding an ephemeral port").local_addr().unwrap().port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0").expect("binding an ephemeral port").local_addr().unwrap().port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// An HTTP response as read off the wire.
