@@ -557,6 +557,19 @@ fn a_ca_that_cannot_validate_shows_its_error_and_retries_with_backoff() {
         "{orders} orders for {w} + {ctl_failures} failures:\n{}",
         tail(&p.log_text(), 40)
     );
+
+    // A restart keeps the failures and their retry time: the name is not retried at once.
+    let before = cert(&s, ctl).unwrap();
+    let mut s = s;
+    s.stop();
+    s.restart(&b);
+    let after = cert(&s, ctl).unwrap();
+    assert_eq!(after["status"], "failed", "{after:#}");
+    assert!(
+        after["failures"].as_u64() >= before["failures"].as_u64(),
+        "failures reset by a restart: {before:#} {after:#}"
+    );
+    assert!(after["error"].is_string(), "{after:#}");
 }
 
 /// A tiny HTTP server for `--tls-on-demand-ask`: 200 for the names in `yes`, 403 otherwise;
@@ -785,6 +798,9 @@ fn an_uploaded_certificate_is_served_and_https_redirects_and_hsts_are_per_servic
     }
     let r = request(s.http, "GET", "web.test.local", "/.well-known/acme-challenge/abc", &[], b"").unwrap();
     assert_ne!(r.status, 308, "ACME challenges are never redirected: {r:?}");
+    // Only a token is a challenge: a path that climbs out of the prefix is redirected.
+    let r = request(s.http, "GET", "web.test.local", "/.well-known/acme-challenge/../secret", &[], b"").unwrap();
+    assert_eq!(r.status, 308, "{r:?}");
     // The control host is not the service's: not redirected.
     let r = request(s.http, "GET", "berth.test.local", "/api/v1/health", &[], b"").unwrap();
     assert_eq!(r.status, 200, "{r:?}");
@@ -801,6 +817,14 @@ fn an_uploaded_certificate_is_served_and_https_redirects_and_hsts_are_per_servic
     assert_ne!(r.status, 308, "{r:?}");
     let r = https_get(&s, &ca.ca(), up, "/", &[]);
     assert_eq!(((r.exit, r.code), r.header("strict-transport-security")), ((0, 200), None), "{r:?}");
+
+    // A name nothing answers at and nothing orders is none, not pending.
+    let r = s.call("GET", "/api/v1/certs/nothing.example.com", None);
+    assert_eq!((r.status, r.json()["status"].as_str()), (200, Some("none")), "{}", r.text());
+    // A host that would leave the certs path is refused by the CLI before any request.
+    let out = s.cli(&b, &["certs", "rm", "../services/web"]);
+    assert!(!out.status.success() && stderr(&out).contains("is not a host name"), "{}", stderr(&out));
+    assert_eq!(s.service("web")["name"], "web", "the service is still there");
 
     // Removed: the name falls back to a certificate the throwaway CA did not sign.
     s.cli_ok(&b, &["certs", "rm", up]);
@@ -893,4 +917,42 @@ fn git_push_over_https_to_the_control_host_deploys() {
     wait_valid(&s, &p, "gp.test.local");
     let r = https_get(&s, &root, "gp.test.local", "/", &[]);
     assert_eq!((r.exit, r.code, r.body.as_str()), (0, 200, "python says tls v1"), "{r:?}");
+}
+
+#[test]
+fn an_idle_http2_connection_is_closed_like_an_idle_http1_one() {
+    let b = Berth::new();
+    // Idle HTTP/2 connections close after six times --header-timeout (at least a minute by
+    // default); HTTP/1.1 ones after --header-timeout.
+    let s = Server::start(&b, &["--header-timeout", "1s"]);
+    for (alpn, within) in [("h2", 6.0..12.0), ("http/1.1", 0.5..4.0)] {
+        let started = Instant::now();
+        let mut c = Command::new("openssl")
+            .args(["s_client", "-connect", &format!("127.0.0.1:{}", s.https), "-servername", "berth.test.local"])
+            .args(["-alpn", alpn, "-quiet"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("running openssl s_client");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                break Some(st);
+            }
+            if Instant::now() > deadline {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let took = started.elapsed().as_secs_f64();
+        if status.is_none() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        assert!(
+            status.is_some() && within.contains(&took),
+            "{alpn}: an idle connection closed after {took:.1}s (want {within:?})"
+        );
+    }
 }

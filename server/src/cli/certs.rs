@@ -36,7 +36,23 @@ fn time_of(v: &serde_json::Value) -> String {
     }
 }
 
+/// A host as the API's path takes it: a name, maybe `*.`-prefixed, nothing that would move the
+/// request elsewhere (`/`, `..`, `?`, `#`, `%`) or that is no name at all.
+fn check_host(host: &str) -> Result<&str> {
+    let bad = host.is_empty()
+        || host.chars().any(|c| matches!(c, '/' | '\\' | '?' | '#' | '%') || c.is_whitespace() || c.is_control())
+        || host.trim_matches('.').is_empty()
+        || host.contains("..");
+    if bad {
+        bail!("{host:?} is not a host name (like shop.example.com or *.example.com)");
+    }
+    Ok(host)
+}
+
 pub fn certs(conn: &Conn, data_dir: &Path, cmd: Option<&CertsCommand>) -> Result<i32> {
+    if let Some(CertsCommand::Add { host, .. } | CertsCommand::Rm { host }) = cmd {
+        check_host(host)?;
+    }
     let c = Client::new(conn, data_dir)?;
     let rt = crate::cli::runtime();
     match cmd.unwrap_or(&CertsCommand::Ls) {
@@ -73,7 +89,11 @@ pub fn certs(conn: &Conn, data_dir: &Path, cmd: Option<&CertsCommand>) -> Result
             if conn.json {
                 println!("{v}");
             } else {
-                println!("{host}: serving the uploaded certificate (expires {})", time_of(&v["not_after"]));
+                println!(
+                    "{}: serving the uploaded certificate (expires {})",
+                    v["host"].as_str().unwrap_or(host),
+                    time_of(&v["not_after"])
+                );
             }
         }
         CertsCommand::Rm { host } => {
@@ -170,11 +190,21 @@ fn hsts_secs(s: &str) -> Result<u64> {
         "y" => 365 * 86400,
         _ => bail!("unknown unit {unit:?}: use s, m, h, d, w or y"),
     };
-    Ok(n * mult)
+    n.checked_mul(mult).filter(|&s| s <= 2 * 365 * 86400).ok_or_else(|| anyhow::anyhow!("at most two years (2y)"))
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn hosts_that_would_leave_the_certs_path_are_refused() {
+        for bad in ["../services/web", "a/b", "..", ".", "", "a..b", "x?y", "x#y", "x%2fy", "a b"] {
+            assert!(super::check_host(bad).is_err(), "{bad}");
+        }
+        for good in ["shop.example.com", "*.example.com", "SHOP.Example.com.", "bücher.example"] {
+            assert!(super::check_host(good).is_ok(), "{good}");
+        }
+    }
+
     #[test]
     fn hsts_durations() {
         assert_eq!(super::hsts_secs("1y").unwrap(), 31536000);
@@ -182,5 +212,7 @@ mod tests {
         assert_eq!(super::hsts_secs("600").unwrap(), 600);
         assert!(super::hsts_secs("1x").is_err());
         assert!(super::hsts_secs("y").is_err());
+        assert!(super::hsts_secs("600000000000y").is_err());
+        assert!(super::hsts_secs("3y").is_err());
     }
 }

@@ -24,7 +24,8 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -162,13 +163,42 @@ impl Proxy {
                 };
                 let timeout = me.header_timeout;
                 if h2 {
+                    // Streams open now, and when the last one ended: an HTTP/2 connection with
+                    // none for H2_IDLE is closed (GOAWAY), as an idle HTTP/1.1 one is.
+                    let idle = Arc::new(Idle { open: AtomicUsize::new(0), since: Mutex::new(Instant::now()) });
+                    let idle2 = idle.clone();
                     let svc = hyper::service::service_fn(move |req| {
                         let me = me.clone();
-                        async move { Ok::<_, Infallible>(me.handle(req, peer, framing::Note::default(), true).await) }
+                        let guard = Stream::open(idle2.clone());
+                        async move {
+                            let resp = me.handle(req, peer, framing::Note::default(), true).await;
+                            Ok::<_, Infallible>(resp.map(|b| Counted { inner: b, _guard: guard }.boxed_unsync()))
+                        }
                     });
                     let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-                    b.timer(TokioTimer::new()).max_header_list_size(MAX_HEAD as u32);
-                    let _ = b.serve_connection(TokioIo::new(stream), svc).await;
+                    b.timer(TokioTimer::new())
+                        .max_header_list_size(MAX_HEAD as u32)
+                        .keep_alive_interval(Some(Duration::from_secs(30)))
+                        .keep_alive_timeout(Duration::from_secs(20));
+                    let conn = b.serve_connection(TokioIo::new(stream), svc);
+                    tokio::pin!(conn);
+                    let mut check = tokio::time::interval(Duration::from_secs(1));
+                    let mut closing: Option<Instant> = None;
+                    loop {
+                        tokio::select! {
+                            _ = conn.as_mut() => break,
+                            _ = check.tick() => match closing {
+                                None if idle.is_idle(timeout * H2_IDLE) => {
+                                    closing = Some(Instant::now());
+                                    conn.as_mut().graceful_shutdown();
+                                }
+                                // A client that never sent its preface (hyper only closes after
+                                // the handshake), or that ignores GOAWAY: dropped.
+                                Some(t) if t.elapsed() >= timeout.max(Duration::from_secs(2)) && idle.is_idle(Duration::ZERO) => break,
+                                _ => {}
+                            },
+                        }
+                    }
                 } else {
                     let flags = framing::Flags::default();
                     let io = TokioIo::new(framing::Watched::new(stream, flags.clone(), MAX_HEAD));
@@ -322,7 +352,11 @@ impl Proxy {
             }
             Route::Service(svc, tag) => {
                 let settings = svc.https();
-                let challenge = req.uri().path().starts_with(super::tls::HTTP01_PREFIX);
+                // Only a path that can be a challenge (one token of base64url characters) is
+                // exempt: `/.well-known/acme-challenge/../x` is redirected like any other.
+                let challenge = req.uri().path().strip_prefix(super::tls::HTTP01_PREFIX).is_some_and(|t| {
+                    !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                });
                 if !https && settings.redirect && !challenge && !from_container && self.https_port.is_some() {
                     return self.redirect(&host, &req);
                 }
@@ -656,6 +690,63 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+/// How long an HTTP/2 connection over TLS may stay open without a stream, in
+/// `--header-timeout`s (an idle HTTP/1.1 connection gets one; HTTP/2 clients such as browsers
+/// keep a connection for later requests, so it gets six: a minute by default).
+const H2_IDLE: u32 = 6;
+
+/// One HTTP/2 connection's open streams.
+struct Idle {
+    open: AtomicUsize,
+    since: Mutex<Instant>,
+}
+
+impl Idle {
+    fn is_idle(&self, after: Duration) -> bool {
+        self.open.load(Ordering::SeqCst) == 0 && self.since.lock().unwrap_or_else(|e| e.into_inner()).elapsed() >= after
+    }
+}
+
+/// Counts a stream open until its response body is done (or dropped).
+struct Stream(Arc<Idle>);
+
+impl Stream {
+    fn open(idle: Arc<Idle>) -> Stream {
+        idle.open.fetch_add(1, Ordering::SeqCst);
+        Stream(idle)
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        *self.0.since.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A response body that keeps its stream counted.
+struct Counted {
+    inner: Body,
+    _guard: Stream,
+}
+
+impl HttpBody for Counted {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// A response body that holds the instance's lease until it ends or is dropped.

@@ -176,13 +176,26 @@ impl Settings {
             "" | "off" => None,
             s => Some(addr("--https-addr", s)?),
         };
-        if let Some(h) = https_addr.filter(|a| a.port() != 0 && (*a == http_addr || *a == api_addr)) {
-            return Err(format!("--https-addr {h} is also --http-addr or --api-addr: TLS needs its own port"));
+        // The same port on the same address, or on any address and a specific one, clashes.
+        let clash = |a: SocketAddr, b: SocketAddr| {
+            a.port() != 0
+                && a.port() == b.port()
+                && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+        };
+        if let Some(h) = https_addr {
+            for (other, name) in
+                [(Some(http_addr), "--http-addr"), (Some(api_addr), "--api-addr"), (ssh_addr, "--ssh-addr")]
+            {
+                if let Some(o) = other.filter(|&o| clash(h, o)) {
+                    return Err(format!("--https-addr {h} and {name} {o} are the same port: TLS needs its own"));
+                }
+            }
         }
         let acme = match args.acme_directory.trim() {
             "" | "off" => None,
             url => {
-                let u = reqwest::Url::parse(url).map_err(|e| format!("--acme-directory {url:?}: {e}"))?;
+                let u = reqwest::Url::parse(url)
+                    .map_err(|e| format!("--acme-directory {url:?}: not a URL ({e}); give https://... or off"))?;
                 if u.scheme() != "https" {
                     return Err(format!("--acme-directory {url:?}: an ACME directory is an https:// URL"));
                 }
@@ -190,15 +203,27 @@ impl Settings {
                     super::tls::acme::check_ca_root(root)?;
                 }
                 if let Some(e) = &args.acme_email {
-                    if !e.contains('@') || e.contains(char::is_whitespace) {
-                        return Err(format!("--acme-email {e:?}: not an email address"));
+                    let ok = match e.split_once('@') {
+                        Some((local, domain)) => {
+                            !local.is_empty()
+                                && !domain.contains('@')
+                                && domain.contains('.')
+                                && dns_name(domain).is_ok()
+                                && !e.contains(|c: char| {
+                                    c.is_whitespace() || c.is_control() || matches!(c, ',' | ':' | '<' | '>')
+                                })
+                        }
+                        None => false,
+                    };
+                    if !ok {
+                        return Err(format!("--acme-email {e:?}: not an email address (one, like you@example.com)"));
                     }
                 }
                 let retry = super::scaling::parse_duration(&args.acme_retry)
                     .map(std::time::Duration::from_millis)
                     .map_err(|e| format!("--acme-retry: {e}"))?;
-                if retry < std::time::Duration::from_secs(1) {
-                    return Err(format!("--acme-retry {:?}: at least 1s", args.acme_retry));
+                if retry < std::time::Duration::from_secs(1) || retry > std::time::Duration::from_secs(86400) {
+                    return Err(format!("--acme-retry {:?}: from 1s to 1d", args.acme_retry));
                 }
                 Some(super::tls::acme::Config {
                     directory: url.to_string(),
@@ -217,6 +242,11 @@ impl Settings {
             };
             let name =
                 dns_name(&super::tls::normalize(rest)).map_err(|e| format!("--tls-on-demand-allow {n:?}: {e}"))?;
+            if !wild.is_empty() && !name.contains('.') {
+                return Err(format!(
+                    "--tls-on-demand-allow {n:?}: a pattern must name a domain of its own (*.apps.example.com), not a top-level domain"
+                ));
+            }
             allow.push(format!("{wild}{name}"));
         }
         if let Some(u) = &args.tls_on_demand_ask {
@@ -467,10 +497,22 @@ mod tests {
             (|a| a.domain = Some("bad domain".into()), "--domain \"bad domain\": label"),
             (|a| a.api_addr = "nonsense".into(), "--api-addr \"nonsense\": not an address"),
             (|a| a.http_addr = "127.0.0.1".into(), "--http-addr \"127.0.0.1\""),
-            (|a| a.https_addr = "127.0.0.1:7070".into(), "--https-addr 127.0.0.1:7070 is also"),
+            (|a| a.https_addr = "127.0.0.1:7070".into(), "--https-addr 127.0.0.1:7070 and --api-addr"),
             (|a| a.acme_directory = "http://ca.example/dir".into(), "an ACME directory is an https:// URL"),
             (|a| a.acme_challenge = "dns-01".into(), "--acme-challenge \"dns-01\": expected http-01 or tls-alpn-01"),
-            (|a| a.acme_retry = "0s".into(), "--acme-retry \"0s\": at least 1s"),
+            (|a| a.acme_retry = "0s".into(), "--acme-retry \"0s\": from 1s to 1d"),
+            (|a| a.acme_retry = "25h".into(), "--acme-retry \"25h\": from 1s to 1d"),
+            (|a| a.acme_email = Some("a@".into()), "not an email address"),
+            (|a| a.acme_email = Some("mailto:a@b.com".into()), "not an email address"),
+            (|a| a.acme_email = Some("a@b.com,c@d.com".into()), "not an email address"),
+            (|a| a.acme_email = Some("a@b".into()), "not an email address"),
+            (
+                |a| a.https_addr = "0.0.0.0:80".into(),
+                "--https-addr 0.0.0.0:80 and --http-addr 0.0.0.0:80 are the same port",
+            ),
+            (|a| a.https_addr = "127.0.0.1:2222".into(), "and --ssh-addr 0.0.0.0:2222 are the same port"),
+            (|a| a.acme_directory = "garbage".into(), "--acme-directory \"garbage\": not a URL"),
+            (|a| a.tls_on_demand_allow = vec!["*.com".into()], "not a top-level domain"),
             (|a| a.acme_email = Some("nobody".into()), "--acme-email \"nobody\": not an email address"),
             (|a| a.acme_ca_root = Some("/nonexistent.pem".into()), "--acme-ca-root /nonexistent.pem: No such file"),
             (|a| a.tls_on_demand_allow = vec!["a b".into()], "--tls-on-demand-allow \"a b\""),

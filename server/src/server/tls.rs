@@ -68,6 +68,14 @@ pub struct CertStatus {
     pub failures: u32,
 }
 
+/// A failed name's retry, as stored.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Retry {
+    failures: u32,
+    next_attempt: u64,
+    error: String,
+}
+
 /// The ACME side of one name.
 #[derive(Debug, Clone, Default)]
 pub struct Progress {
@@ -153,6 +161,7 @@ impl Tls {
         for (name, c) in tls.store.load_all(Source::Acme) {
             tls.issued.insert(name, Arc::new(c));
         }
+        tls.load_retries();
         tls.refresh_default();
         let mut cfg = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()?
@@ -162,6 +171,58 @@ impl Tls {
         cfg.ticketer = rustls::crypto::ring::Ticketer::new()?;
         *tls.config.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(cfg));
         Ok(tls)
+    }
+
+    /// Failed orders survive a restart (`tls/retry.json`): a server restarting in a loop must
+    /// not retry a failing name at each start and run into the CA's failed-validation limits.
+    pub fn save_retries(&self) {
+        let now = SystemTime::now();
+        let map: std::collections::BTreeMap<String, Retry> = self
+            .progress
+            .iter()
+            .filter_map(|e| {
+                let p = e.value();
+                let at = p.next_attempt.filter(|t| *t > now && p.error.is_some())?;
+                Some((
+                    e.key().clone(),
+                    Retry {
+                        failures: p.failures,
+                        next_attempt: store::unix(at),
+                        error: p.error.clone().unwrap_or_default(),
+                    },
+                ))
+            })
+            .collect();
+        let path = self.store.retries();
+        let result = match map.is_empty() {
+            true => std::fs::remove_file(&path).or_else(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }),
+            false => Store::write_private(&path, &serde_json::to_vec_pretty(&map).unwrap_or_default()),
+        };
+        if let Err(e) = result {
+            tracing::warn!(file = %path.display(), error = %e, "storing the ACME retry times");
+        }
+    }
+
+    fn load_retries(&self) {
+        let Ok(bytes) = std::fs::read(self.store.retries()) else { return };
+        let Ok(map) = serde_json::from_slice::<std::collections::BTreeMap<String, Retry>>(&bytes) else { return };
+        for (name, r) in map {
+            self.progress.insert(
+                name,
+                Progress {
+                    error: Some(r.error),
+                    failures: r.failures,
+                    next_attempt: Some(std::time::UNIX_EPOCH + Duration::from_secs(r.next_attempt)),
+                    ..Progress::default()
+                },
+            );
+        }
     }
 
     fn config(&self) -> Arc<ServerConfig> {
@@ -210,6 +271,12 @@ impl Tls {
 
     pub fn install_uploaded(&self, name: &str, cert: Cert) {
         self.uploaded.insert(name.to_string(), Arc::new(cert));
+        if let Some(mut p) = self.progress.get_mut(name) {
+            p.error = None;
+            p.failures = 0;
+            p.next_attempt = None;
+        }
+        self.save_retries();
         self.refresh_default();
         self.notify();
     }
@@ -263,14 +330,23 @@ impl Tls {
         self.acme_enabled && !(self.public_ca && special_use(name)) && !self.has_uploaded(name)
     }
 
-    /// The status of `name` for the API.
+    /// The status of a name the proxy answers at, for the API.
     pub fn status(&self, name: &str) -> CertStatus {
+        self.status_of(name, true)
+    }
+
+    /// The status of `name`; `wanted`: the proxy answers at it (else nothing is ordered).
+    pub fn status_of(&self, name: &str, wanted: bool) -> CertStatus {
         let cert = self.lookup(name);
-        let p = self.progress.get(name).map(|p| p.clone()).unwrap_or_default();
+        let mut p = self.progress.get(name).map(|p| p.clone()).unwrap_or_default();
+        if cert.as_ref().is_some_and(|c| c.source != Source::Acme) {
+            // An uploaded certificate serves it: what ACME did before does not matter.
+            p = Progress::default();
+        }
         let status = match (&cert, &p) {
             (Some(_), _) => "valid",
-            (None, p) if p.error.is_some() => "failed",
-            (None, _) if self.orders_for(name) => "pending",
+            (None, p) if p.error.is_some() && wanted => "failed",
+            (None, _) if wanted && self.orders_for(name) => "pending",
             _ => "none",
         };
         CertStatus {

@@ -42,6 +42,13 @@ fn host_of(raw: &str) -> Result<String, Error> {
     Ok(format!("{wild}{name}"))
 }
 
+/// The names the proxy answers at (and the allowed on-demand ones): those that are ordered.
+fn wanted(state: &AppState, tls: &tls::Tls) -> std::collections::HashSet<String> {
+    let mut w: std::collections::HashSet<String> = state.platform.certificate_names().into_iter().collect();
+    w.extend(tls.on_demand_names.iter().map(|e| e.key().clone()));
+    w
+}
+
 /// Every name the proxy answers at, with what is uploaded or issued besides.
 async fn list(State(state): State<AppState>) -> Result<Json<Vec<CertStatus>>, Error> {
     let tls = tls_of(&state)?;
@@ -51,12 +58,14 @@ async fn list(State(state): State<AppState>) -> Result<Json<Vec<CertStatus>>, Er
     names.extend(tls.on_demand_names.iter().map(|e| e.key().clone()));
     names.sort();
     names.dedup();
-    Ok(Json(names.iter().map(|n| tls.status(n)).collect()))
+    let wanted = wanted(&state, tls);
+    Ok(Json(names.iter().map(|n| tls.status_of(n, wanted.contains(n))).collect()))
 }
 
 async fn read(State(state): State<AppState>, Path(host): Path<String>) -> Result<Json<CertStatus>, Error> {
     let tls = tls_of(&state)?;
-    Ok(Json(tls.status(&host_of(&host)?)))
+    let host = host_of(&host)?;
+    Ok(Json(tls.status_of(&host, wanted(&state, tls).contains(&host))))
 }
 
 /// `PUT /certs/{host}` `{"cert", "key"}`: checked (PEM, the key matches, the certificate names
@@ -70,10 +79,21 @@ async fn upload(
     let host = host_of(&host)?;
     let req: Upload = body(&bytes)?;
     let cert = tls::Cert::from_pem(&req.cert, &req.key, Source::Uploaded).map_err(Error::BadRequest)?;
+    if cert.names.is_empty() {
+        return Err(Error::BadRequest(
+            "the certificate has no DNS name in its subjectAltName (clients ignore the CN): it is valid for no host"
+                .into(),
+        ));
+    }
     if !cert.names.iter().any(|n| n == &host) && !cert.covers(&host) {
+        return Err(Error::BadRequest(format!("the certificate is for {} but not for {host}", cert.names.join(", "))));
+    }
+    if cert.not_before > std::time::SystemTime::now() + std::time::Duration::from_secs(3600) {
         return Err(Error::BadRequest(format!(
-            "the certificate is for {} but not for {host}",
-            if cert.names.is_empty() { "no DNS name".to_string() } else { cert.names.join(", ") }
+            "the certificate is not valid before {}",
+            time::OffsetDateTime::from(cert.not_before)
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default()
         )));
     }
     if cert.not_after <= std::time::SystemTime::now() {
@@ -91,14 +111,18 @@ async fn upload(
         .map_err(|e| anyhow::anyhow!("storing the certificate of {host}: {e}"))?;
     tls.install_uploaded(&host, cert);
     tracing::info!(host = %host, "certificate uploaded");
-    Ok(Json(tls.status(&host)))
+    Ok(Json(tls.status_of(&host, true)))
 }
 
 async fn remove(State(state): State<AppState>, Path(host): Path<String>) -> Result<StatusCode, Error> {
     let tls = tls_of(&state)?;
     let host = host_of(&host)?;
     if tls.uploaded(&host).is_none() {
-        return Err(Error::NotFound(format!("no uploaded certificate for {host}")));
+        let by = host.split_once('.').map(|(_, p)| format!("*.{p}")).filter(|w| tls.uploaded(w).is_some());
+        return Err(Error::NotFound(match by {
+            Some(w) => format!("no uploaded certificate for {host}: it is served by the one uploaded for {w}"),
+            None => format!("no uploaded certificate for {host}"),
+        }));
     }
     tls.store
         .remove(Source::Uploaded, &host)

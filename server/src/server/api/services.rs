@@ -536,6 +536,9 @@ pub(super) struct HttpsPatch {
 /// Changes a service's HTTPS redirect and HSTS; fields left out keep their value.
 async fn set_https(State(state): State<AppState>, Path(name): Path<String>, bytes: Bytes) -> Result<Json<View>, Error> {
     let patch: HttpsPatch = body(&bytes)?;
+    if state.tls.is_none() && (patch.redirect == Some(true) || patch.hsts_max_age.is_some_and(|n| n > 0)) {
+        return Err(Error::Conflict("the server runs without TLS (--https-addr off): nothing to redirect to".into()));
+    }
     let service = find(&state, &name).await?;
     let mut h = service.https;
     if let Some(r) = patch.redirect {

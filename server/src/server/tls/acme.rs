@@ -125,9 +125,27 @@ fn http_client(cfg: &Config) -> anyhow::Result<reqwest::Client> {
 pub fn check_ca_root(path: &std::path::Path) -> Result<(), String> {
     let pem = std::fs::read(path).map_err(|e| format!("--acme-ca-root {}: {e}", path.display()))?;
     match reqwest::Certificate::from_pem_bundle(&pem) {
-        Ok(v) if !v.is_empty() => Ok(()),
-        _ => Err(format!("--acme-ca-root {}: no PEM certificate in it", path.display())),
+        Ok(v) if !v.is_empty() => {}
+        _ => return Err(format!("--acme-ca-root {}: no PEM certificate in it", path.display())),
     }
+    // The certificates must also parse as X.509: build the client that will use them.
+    let cfg = Config {
+        directory: String::new(),
+        email: None,
+        ca_root: Some(path.to_path_buf()),
+        challenge: Challenge::Http01,
+        retry: Duration::from_secs(60),
+    };
+    http_client(&cfg).map(|_| ()).map_err(|e| {
+        let mut s = e.to_string();
+        let mut cur = e.source();
+        while let Some(c) = cur {
+            s.push_str(": ");
+            s.push_str(&c.to_string());
+            cur = c.source();
+        }
+        format!("--acme-ca-root {}: not a usable certificate ({s})", path.display())
+    })
 }
 
 /// An error as the CA (or the network) put it: the problem's detail and type.
@@ -206,7 +224,7 @@ pub async fn run(tls: Arc<Tls>, cfg: Config, names: impl Fn() -> Vec<String> + S
                 Some(c) if c.not_after > now => {
                     let fp = c.fingerprint();
                     if p.renew_for != fp || p.renew_at.is_none() {
-                        p.renew_at = Some(renew_at(c));
+                        p.renew_at = Some(renew_at(c, &fp));
                         p.renew_for = fp;
                     }
                     p.renew_at.expect("set above")
@@ -231,10 +249,14 @@ pub async fn run(tls: Arc<Tls>, cfg: Config, names: impl Fn() -> Vec<String> + S
     }
 }
 
-/// From two thirds of the lifetime, plus up to another twelfth at random.
-fn renew_at(c: &Cert) -> SystemTime {
+/// From two thirds of the lifetime, plus up to another twelfth: a part drawn from the
+/// certificate's fingerprint, so it is the same after a restart and differs between
+/// certificates issued together.
+fn renew_at(c: &Cert, fingerprint: &str) -> SystemTime {
     let life = c.lifetime();
-    let jitter = life.mul_f64(random_unit() / 12.0);
+    let seed = u64::from_str_radix(fingerprint.get(..13).unwrap_or("0"), 16).unwrap_or(0);
+    let unit = seed as f64 / (1u64 << 52) as f64;
+    let jitter = life.mul_f64(unit / 12.0);
     c.not_before + life * 2 / 3 + jitter
 }
 
@@ -301,8 +323,18 @@ impl Manager {
                 p.renew_at = None;
                 drop(p);
                 self.tls.install_issued(&name, cert);
+                self.tls.save_retries();
             }
             Err(e) => {
+                if e.contains("(accountDoesNotExist)") || e.contains("(unauthorized)") && e.contains("ccount") {
+                    // The CA forgot the account (a test CA restarted, an account deactivated):
+                    // the next attempt registers a new one.
+                    drop(p);
+                    *self.account.lock().await = None;
+                    let _ = std::fs::remove_file(self.tls.store.account());
+                    tracing::warn!(directory = %self.cfg.directory, "the ACME CA no longer knows our account; a new one will be made");
+                    p = self.tls.progress.entry(name.clone()).or_default();
+                }
                 p.failures += 1;
                 let mut delay = self.cfg.retry.saturating_mul(1 << (p.failures - 1).min(20)).min(MAX_BACKOFF);
                 if e.contains("(rateLimited)") {
@@ -313,6 +345,7 @@ impl Manager {
                 p.error = Some(e.clone());
                 let failures = p.failures;
                 drop(p);
+                self.tls.save_retries();
                 tracing::warn!(
                     host = %name,
                     error = %e,
@@ -429,8 +462,12 @@ mod tests {
         p.not_after = now + time::Duration::days(90);
         let c = Cert::from_pem(&p.self_signed(&k).unwrap().pem(), &k.serialize_pem(), Source::Acme).unwrap();
         let mut seen = std::collections::HashSet::new();
-        for _ in 0..50 {
-            let at = renew_at(&c).duration_since(c.not_before).unwrap().as_secs();
+        let fp = c.fingerprint();
+        assert_eq!(renew_at(&c, &fp), renew_at(&c, &fp), "the same after a restart");
+        for i in 0..50u32 {
+            use sha2::Digest;
+            let other = hex::encode(sha2::Sha256::digest(i.to_le_bytes()));
+            let at = renew_at(&c, &other).duration_since(c.not_before).unwrap().as_secs();
             assert!((60 * 86400..=60 * 86400 + 90 * 86400 / 12).contains(&at), "{at}");
             seen.insert(at);
         }

@@ -49,18 +49,26 @@ impl Cert {
         let Some(leaf) = chain.first() else {
             return Err("no CERTIFICATE block in the certificate PEM".into());
         };
+        if key_pem.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----") || key_pem.contains("Proc-Type: 4,ENCRYPTED") {
+            return Err("the private key is encrypted: give it decrypted (openssl pkey -in KEY -out KEY.plain)".into());
+        }
         let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| match e {
             rustls::pki_types::pem::Error::NoItemsFound => "no PRIVATE KEY block in the key PEM".to_string(),
             e => format!("reading the private key PEM: {e}"),
         })?;
         let info = parse_leaf(leaf).map_err(|e| format!("the first certificate is not valid X.509: {e}"))?;
-        let signer = rustls::crypto::ring::sign::any_supported_type(&key)
-            .map_err(|e| format!("the private key cannot sign (RSA, ECDSA P-256/P-384 and Ed25519 work): {e}"))?;
+        let signer = rustls::crypto::ring::sign::any_supported_type(&key).map_err(|e| {
+            format!("the private key cannot sign: RSA of 2048 bits or more, ECDSA P-256/P-384 and Ed25519 work ({e})")
+        })?;
         let ck = CertifiedKey::new(chain.clone(), signer);
         match ck.keys_match() {
             Ok(()) => {}
             Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
-                return Err("the private key does not belong to the certificate".into())
+                return Err(if chain.len() > 1 {
+                    "the private key does not belong to the first certificate: the chain must start with the leaf (the key's certificate), then its issuers".into()
+                } else {
+                    "the private key does not belong to the certificate".into()
+                })
             }
             // The public key could not be compared (an unusual encoding): the handshake tells.
             Err(_) => {}
@@ -260,6 +268,10 @@ impl Store {
 
     pub fn account(&self) -> PathBuf {
         self.dir.join("account.json")
+    }
+
+    pub fn retries(&self) -> PathBuf {
+        self.dir.join("retry.json")
     }
 
     fn file(&self, kind: &str, name: &str) -> PathBuf {
