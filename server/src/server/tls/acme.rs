@@ -326,7 +326,7 @@ impl Manager {
                 self.tls.save_retries();
             }
             Err(e) => {
-                if e.contains("(accountDoesNotExist)") || e.contains("(unauthorized)") && e.contains("ccount") {
+                if e.contains("(accountDoesNotExist)") {
                     // The CA forgot the account (a test CA restarted, an account deactivated):
                     // the next attempt registers a new one.
                     drop(p);
