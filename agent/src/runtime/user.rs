@@ -73,7 +73,7 @@ pub fn resolve_with(spec: &str, passwd: &str, group: &str) -> Result<User, Error
         None => (spec, None),
     };
     if u.is_empty() && g.is_none() {
-        return Ok(User { uid: 0, gid: 0, additional_gids: vec![], home: "/root".into() });
+        return Ok(User { uid: 0, gid: 0, additional_gids: vec![0], home: "/root".into() });
     }
     if u.is_empty() || g == Some("") {
         return Err(Error::Invalid(spec.into()));
@@ -95,13 +95,13 @@ pub fn resolve_with(spec: &str, passwd: &str, group: &str) -> Result<User, Error
             Err(_) => groups.iter().find(|e| e.name == g).map(|e| e.gid).ok_or_else(|| Error::NoGroup(g.into()))?,
         };
     }
-    // Supplementary groups: those listing the user by name (only when no group was forced,
-    // matching Docker, which also keeps them then; keeping them always is what runc does).
-    let mut additional_gids: Vec<u32> = match &name {
-        Some(n) => groups.iter().filter(|e| e.members.iter().any(|m| m == n)).map(|e| e.gid).collect(),
-        None => vec![],
-    };
-    additional_gids.retain(|&x| x != gid);
+    // Supplementary groups: the primary group itself (as Docker since CVE-2022-36109 and
+    // containerd since CVE-2023-25173 do, so that dropping the primary group with setgid cannot
+    // escape a group-denied file), then every group listing the user by name.
+    let mut additional_gids: Vec<u32> = vec![gid];
+    if let Some(n) = &name {
+        additional_gids.extend(groups.iter().filter(|e| e.members.iter().any(|m| m == n)).map(|e| e.gid));
+    }
     additional_gids.sort_unstable();
     additional_gids.dedup();
     Ok(User { uid, gid, additional_gids, home })
@@ -145,14 +145,14 @@ mod tests {
     fn table() {
         type Want = Result<(u32, u32, &'static [u32], &'static str), &'static str>;
         let cases: &[(&str, Want)] = &[
-            ("", Ok((0, 0, &[], "/root"))),
-            ("root", Ok((0, 0, &[], "/root"))),
-            ("app", Ok((1000, 1000, &[50], "/home/app"))),
-            ("1000", Ok((1000, 1000, &[50], "/home/app"))),
-            ("app:staff", Ok((1000, 50, &[], "/home/app"))),
-            ("app:65534", Ok((1000, 65534, &[50], "/home/app"))),
-            ("4242", Ok((4242, 0, &[], "/"))),
-            ("4242:4343", Ok((4242, 4343, &[], "/"))),
+            ("", Ok((0, 0, &[0], "/root"))),
+            ("root", Ok((0, 0, &[0], "/root"))),
+            ("app", Ok((1000, 1000, &[50, 1000], "/home/app"))),
+            ("1000", Ok((1000, 1000, &[50, 1000], "/home/app"))),
+            ("app:staff", Ok((1000, 50, &[50], "/home/app"))),
+            ("app:65534", Ok((1000, 65534, &[50, 65534], "/home/app"))),
+            ("4242", Ok((4242, 0, &[0], "/"))),
+            ("4242:4343", Ok((4242, 4343, &[4343], "/"))),
             ("ghost", Err("user \"ghost\" not found in the image's /etc/passwd")),
             ("app:ghosts", Err("group \"ghosts\" not found in the image's /etc/group")),
             ("app:", Err("invalid user specification \"app:\"")),
