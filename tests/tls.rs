@@ -786,7 +786,10 @@ fn an_uploaded_certificate_is_served_and_https_redirects_and_hsts_are_per_servic
     let r = request(s.http, "GET", "web.test.local", "/headers", &[], b"").unwrap();
     assert!(r.text().contains("x-forwarded-proto: http\n"), "{}", r.text());
 
+    assert_eq!(s.service("web")["url"], format!("http://web.test.local:{}/", s.http));
     s.cli_ok(&b, &["https", "web", "--redirect", "on", "--hsts", "1d"]);
+    // The service's URL is the one it is served at now.
+    assert_eq!(s.service("web")["url"], format!("https://web.test.local:{}/", s.https));
     for (host, want) in [
         ("web.test.local", format!("https://web.test.local:{}/x?y=1", s.https)),
         (&format!("web.test.local:{}", s.http), format!("https://web.test.local:{}/x?y=1", s.https)),
@@ -815,6 +818,7 @@ fn an_uploaded_certificate_is_served_and_https_redirects_and_hsts_are_per_servic
     s.cli_ok(&b, &["https", "web", "--redirect", "off", "--hsts", "off"]);
     let r = request(s.http, "GET", "web.test.local", "/x?y=1", &[], b"").unwrap();
     assert_ne!(r.status, 308, "{r:?}");
+    assert_eq!(s.service("web")["url"], format!("http://web.test.local:{}/", s.http));
     let r = https_get(&s, &ca.ca(), up, "/", &[]);
     assert_eq!(((r.exit, r.code), r.header("strict-transport-security")), ((0, 200), None), "{r:?}");
 

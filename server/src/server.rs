@@ -191,6 +191,7 @@ async fn serve(data_dir: &Path, mut cfg: berth_agent::Config, settings: Settings
         domain: settings.domain.clone(),
         control_host: settings.control_host.clone(),
         http_port,
+        https_port,
         keys: secrets::Keyring::load_or_create(data_dir)?,
         builds: Arc::new(api::builds::Builds::new(
             Some(settings.build_cpus),

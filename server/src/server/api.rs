@@ -34,6 +34,9 @@ pub struct AppState {
     pub control_host: String,
     /// The proxy's port, for the URLs the API shows (omitted when 80).
     pub http_port: u16,
+    /// The TLS listener's port (None: no `--https-addr`), for the URLs of services that
+    /// redirect to HTTPS (omitted when 443).
+    pub https_port: Option<u16>,
     /// Seals and opens secret variables.
     pub keys: super::secrets::Keyring,
     /// Build limits and slots.
@@ -43,12 +46,16 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// The URL a service answers at.
+    /// The URL a service (or `TAG--SERVICE`) answers at: https:// when the service redirects
+    /// plain HTTP there.
     pub fn url(&self, service: &str) -> String {
-        if self.http_port == 80 {
-            format!("http://{service}.{}/", self.domain)
-        } else {
-            format!("http://{service}.{}:{}/", self.domain, self.http_port)
+        let name = service.split_once("--").map_or(service, |(_, n)| n);
+        let redirect = self.platform.get(name).is_some_and(|s| s.https().redirect);
+        match (redirect, self.https_port) {
+            (true, Some(443)) => format!("https://{service}.{}/", self.domain),
+            (true, Some(p)) => format!("https://{service}.{}:{p}/", self.domain),
+            _ if self.http_port == 80 => format!("http://{service}.{}/", self.domain),
+            _ => format!("http://{service}.{}:{}/", self.domain, self.http_port),
         }
     }
 }
