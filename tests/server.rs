@@ -170,6 +170,43 @@ fn services_api() {
     assert_eq!(list["services"][0]["env"], json!({"A": "1"}));
 }
 
+/// The proxy's threads: as many as asked, each accepting on the shared sockets (plain and TLS),
+/// the control host answered through them by the main runtime, and all gone at SIGTERM.
+#[test]
+fn the_proxy_serves_on_its_own_threads() {
+    let b = Berth::new();
+    let mut s = Server::start(&b, &["--proxy-threads", "3"]);
+    let threads = || -> usize {
+        let dir = format!("/proc/{}/task", s.child.id());
+        std::fs::read_dir(&dir)
+            .map(|d| {
+                d.filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("comm")).ok())
+                    .filter(|c| c.starts_with("berth-proxy-"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    assert_eq!(threads(), 3, "{}", s.log_text());
+    // Many connections at once, so that every thread accepts some: all answered.
+    let handles: Vec<_> = (0..24)
+        .map(|_| {
+            let port = s.http;
+            std::thread::spawn(move || request(port, "GET", "berth.test.local", "/api/v1/health", &[], b"").unwrap())
+        })
+        .collect();
+    for h in handles {
+        let r = h.join().unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    let r = request(s.http, "GET", "nothing.test.local", "/", &[], b"").unwrap();
+    assert_eq!((r.status, r.header("berth-error")), (404, Some("unknown-host")), "{r:?}");
+    s.stop();
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", s.http)).is_err(),
+        "the proxy's port is closed once the server stopped"
+    );
+}
+
 #[test]
 fn bad_options_exit_64_before_binding_or_writing() {
     let b = Berth::new();
@@ -184,6 +221,7 @@ fn bad_options_exit_64_before_binding_or_writing() {
         (&["--domain", "test.local", "--trusted-proxy", "10.0.0.0/99"], "--trusted-proxy \"10.0.0.0/99\""),
         (&["--domain", "test.local", "--control-host", "a_b.test"], "--control-host \"a_b.test\""),
         (&["--domain", "test.local", "--hold-body-limit", "lots"], "--hold-body-limit \"lots\""),
+        (&["--domain", "test.local", "--proxy-threads", "0"], "--proxy-threads 0: give 1 to 256"),
         (&[], "--domain is required"),
     ];
     for (args, want) in cases {

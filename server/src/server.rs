@@ -224,15 +224,27 @@ async fn serve(data_dir: &Path, mut cfg: berth_agent::Config, settings: Settings
         None => None,
     };
     let app = api::router(state.clone());
-    let proxy = Arc::new(proxy::Proxy::new(
-        platform.clone(),
-        app.clone(),
-        settings.trusted_proxies.clone(),
-        settings.hold_body_limit,
-        settings.header_timeout,
-        subnet,
-        tls.clone().zip(https_port),
-    ));
+    let make_proxy = || {
+        proxy::Proxy::new(
+            platform.clone(),
+            app.clone(),
+            settings.trusted_proxies.clone(),
+            settings.hold_body_limit,
+            settings.header_timeout,
+            subnet,
+            tls.clone().zip(https_port),
+        )
+    };
+    // The gateway's port 80 (service to service) is served on this runtime; the public
+    // listeners by the proxy threads.
+    let proxy = Arc::new(make_proxy());
+    let main_rt = tokio::runtime::Handle::current();
+    let std_listener = |l: tokio::net::TcpListener, what: &str| {
+        l.into_std().with_context(|| format!("{what}: handing the listener to the proxy threads"))
+    };
+    let http_std = std_listener(http_listener, "--http-addr")?;
+    let https_std = https_listener.map(|l| std_listener(l, "--https-addr")).transpose()?;
+    let https_local = https_std.as_ref().and_then(|l| l.local_addr().ok());
     tracing::info!(
         api = %settings.api_addr,
         http = %settings.http_addr,
@@ -243,7 +255,8 @@ async fn serve(data_dir: &Path, mut cfg: berth_agent::Config, settings: Settings
         token_file = %data_dir.join(token::FILE).display(),
         database = %location.describe(),
         ssh = %ssh_listener.as_ref().and_then(|l| l.local_addr().ok()).map_or("off".into(), |a| a.to_string()),
-        https = %https_listener.as_ref().and_then(|l| l.local_addr().ok()).map_or("off".into(), |a| a.to_string()),
+        https = %https_local.map_or("off".into(), |a| a.to_string()),
+        proxy_threads = settings.proxy_threads,
         acme = %settings.acme.as_ref().map_or("off", |a| a.directory.as_str()),
         "berth server listening"
     );
@@ -273,16 +286,19 @@ async fn serve(data_dir: &Path, mut cfg: berth_agent::Config, settings: Settings
         let p = platform.clone();
         tokio::spawn(tls::acme::run(tls.clone(), acme.clone(), move || p.certificate_names()));
     }
-    let tls_task = https_listener.map(|l| tokio::spawn(proxy.clone().serve_tls(l, stopped(stop_rx.clone()))));
-    let proxy_task = tokio::spawn(proxy.serve(http_listener, stopped(stop_rx.clone())));
+    let mut workers = proxy::Workers::start(
+        settings.proxy_threads,
+        || make_proxy().with_control_runtime(main_rt.clone()),
+        http_std,
+        https_std,
+        stop_rx.clone(),
+    )
+    .context("starting the proxy threads")?;
     let api_task =
         tokio::spawn(async move { axum::serve(api_listener, app).with_graceful_shutdown(stopped(stop_rx)).await });
     shutdown_signal().await;
     let _ = stop_tx.send(true);
-    let _ = proxy_task.await;
-    if let Some(t) = tls_task {
-        let _ = t.await;
-    }
+    workers.stopped().await;
     // In-flight API calls (a deploy waiting) get a moment; instances keep running.
     let _ = tokio::time::timeout(Duration::from_secs(5), api_task).await;
     // Prepared containers are not instances: remove them rather than leave them to be found
@@ -290,6 +306,7 @@ async fn serve(data_dir: &Path, mut cfg: berth_agent::Config, settings: Settings
     on_stop.discard_all().await;
     drop(firewall);
     db.close().await;
+    let _ = tokio::task::spawn_blocking(move || workers.finish()).await;
     tracing::info!("berth server stopped");
     Ok(())
 }

@@ -34,6 +34,10 @@ pub struct Args {
     /// and cgroups; 0 turns it off).
     #[arg(long, env = "BERTH_PREPARED", default_value_t = 4, value_name = "N")]
     pub prepared: usize,
+    /// Threads the proxy serves connections on, each with its own event loop and upstream
+    /// connection pool, as nginx has one worker per core (default: one per CPU).
+    #[arg(long, env = "BERTH_PROXY_THREADS", value_name = "N")]
+    pub proxy_threads: Option<usize>,
     /// Keep the state in PostgreSQL (postgres://USER:PASSWORD@HOST:PORT/DB) instead of SQLite
     /// in <data-dir>/berth.db; `sqlite:PATH` puts the SQLite file elsewhere.
     #[arg(long, env = "BERTH_DATABASE_URL", hide_env_values = true, value_name = "URL")]
@@ -99,6 +103,8 @@ pub struct Settings {
     pub hold_body_limit: usize,
     pub header_timeout: std::time::Duration,
     pub prepared: usize,
+    /// Event-loop threads of the proxy (1..=256).
+    pub proxy_threads: usize,
     pub database_url: Option<String>,
     /// None: no SSH server.
     pub ssh_addr: Option<SocketAddr>,
@@ -256,6 +262,11 @@ impl Settings {
                 .ok_or_else(|| format!("--tls-on-demand-ask {u:?}: not an http(s) URL"))?;
         }
         let on_demand = super::tls::OnDemand { allow, ask: args.tls_on_demand_ask.clone() };
+        let proxy_threads = match args.proxy_threads {
+            Some(n @ 1..=256) => n,
+            Some(n) => return Err(format!("--proxy-threads {n}: give 1 to 256")),
+            None => std::thread::available_parallelism().map_or(2, |n| n.get().min(64)),
+        };
         if args.prepared > 1000 {
             return Err(format!("--prepared {}: at most 1000", args.prepared));
         }
@@ -268,6 +279,7 @@ impl Settings {
             hold_body_limit,
             header_timeout,
             prepared: args.prepared,
+            proxy_threads,
             ssh_addr,
             build_cpus,
             build_memory,
@@ -470,6 +482,7 @@ mod tests {
             hold_body_limit: "1m".into(),
             header_timeout: "10s".into(),
             prepared: 4,
+            proxy_threads: None,
             database_url: None,
             ssh_addr: "0.0.0.0:2222".into(),
             build_cpus: None,
