@@ -186,6 +186,11 @@ fn the_proxy_serves_on_its_own_threads() {
             })
             .unwrap_or(0)
     };
+    // A thread names itself once it runs, which may be just after the server answers.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while threads() != 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     assert_eq!(threads(), 3, "{}", s.log_text());
     // Many connections at once, so that every thread accepts some: all answered.
     let handles: Vec<_> = (0..24)
