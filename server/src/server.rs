@@ -239,12 +239,7 @@ async fn serve(data_dir: &Path, mut cfg: berth_agent::Config, settings: Settings
     // listeners by the proxy threads.
     let proxy = Arc::new(make_proxy());
     let main_rt = tokio::runtime::Handle::current();
-    let std_listener = |l: tokio::net::TcpListener, what: &str| {
-        l.into_std().with_context(|| format!("{what}: handing the listener to the proxy threads"))
-    };
-    let http_std = std_listener(http_listener, "--http-addr")?;
-    let https_std = https_listener.map(|l| std_listener(l, "--https-addr")).transpose()?;
-    let https_local = https_std.as_ref().and_then(|l| l.local_addr().ok());
+    let https_local = https_listener.as_ref().and_then(|l| l.local_addr().ok());
     tracing::info!(
         api = %settings.api_addr,
         http = %settings.http_addr,
@@ -289,8 +284,8 @@ async fn serve(data_dir: &Path, mut cfg: berth_agent::Config, settings: Settings
     let mut workers = proxy::Workers::start(
         settings.proxy_threads,
         || make_proxy().with_control_runtime(main_rt.clone()),
-        http_std,
-        https_std,
+        http_listener,
+        https_listener,
         stop_rx.clone(),
     )
     .context("starting the proxy threads")?;

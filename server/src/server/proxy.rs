@@ -152,7 +152,9 @@ impl Proxy {
     /// Accepts TLS connections on `--https-addr` until `shutdown` resolves: the handshake
     /// picks the certificate (see [`Tls::accept`]), then HTTP/2 or HTTP/1.1 as ALPN chose.
     pub async fn serve_tls(self: Arc<Self>, listener: TcpListener, shutdown: impl std::future::Future<Output = ()>) {
-        let Some(tls) = self.tls.clone() else { return };
+        if self.tls.is_none() {
+            return;
+        }
         tokio::pin!(shutdown);
         loop {
             let (stream, peer) = tokio::select! {
@@ -166,73 +168,77 @@ impl Proxy {
                 },
                 _ = &mut shutdown => return,
             };
-            let _ = stream.set_nodelay(true);
-            let me = self.clone();
-            let tls = tls.clone();
-            tokio::spawn(async move {
-                let platform = me.platform.clone();
-                let wanted = move |name: &str| !matches!(platform.route(name, false), Route::Unknown(_));
-                let handshake = tokio::time::timeout(Duration::from_secs(40), tls.accept(stream, wanted)).await;
-                let (stream, h2) = match handshake {
-                    Ok(Ok(Some(s))) => s,
-                    Ok(Ok(None)) => return,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => return,
-                };
-                let timeout = me.header_timeout;
-                if h2 {
-                    // Streams open now, and when the last one ended: an HTTP/2 connection with
-                    // none for H2_IDLE is closed (GOAWAY), as an idle HTTP/1.1 one is.
-                    let idle = Arc::new(Idle { open: AtomicUsize::new(0), since: Mutex::new(Instant::now()) });
-                    let idle2 = idle.clone();
-                    let svc = hyper::service::service_fn(move |req| {
-                        let me = me.clone();
-                        let guard = Stream::open(idle2.clone());
-                        async move {
-                            let resp = me.handle(req, peer, framing::Note::default(), true).await;
-                            Ok::<_, Infallible>(resp.map(|b| Counted { inner: b, _guard: guard }.boxed_unsync()))
-                        }
-                    });
-                    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-                    b.timer(TokioTimer::new())
-                        .max_header_list_size(MAX_HEAD as u32)
-                        .keep_alive_interval(Some(Duration::from_secs(30)))
-                        .keep_alive_timeout(Duration::from_secs(20));
-                    let conn = b.serve_connection(TokioIo::new(stream), svc);
-                    tokio::pin!(conn);
-                    let mut check = tokio::time::interval(Duration::from_secs(1));
-                    let mut closing: Option<Instant> = None;
-                    loop {
-                        tokio::select! {
-                            _ = conn.as_mut() => break,
-                            _ = check.tick() => match closing {
-                                None if idle.is_idle(timeout * H2_IDLE) => {
-                                    closing = Some(Instant::now());
-                                    conn.as_mut().graceful_shutdown();
-                                }
-                                // A client that never sent its preface (hyper only closes after
-                                // the handshake), or that ignores GOAWAY: dropped.
-                                Some(t) if t.elapsed() >= timeout.max(Duration::from_secs(2)) && idle.is_idle(Duration::ZERO) => break,
-                                _ => {}
-                            },
-                        }
-                    }
-                } else {
-                    let flags = framing::Flags::default();
-                    let io = TokioIo::new(framing::Watched::new(stream, flags.clone(), MAX_HEAD));
-                    let svc = hyper::service::service_fn(move |req| {
-                        let me = me.clone();
-                        let note = flags.lock().unwrap_or_else(|e| e.into_inner()).pop_front().unwrap_or_default();
-                        async move { Ok::<_, Infallible>(me.handle(req, peer, note, true).await) }
-                    });
-                    let mut b = hyper::server::conn::http1::Builder::new();
-                    b.timer(TokioTimer::new()).header_read_timeout(timeout).max_buf_size(2 * MAX_HEAD);
-                    let _ = b.serve_connection(io, svc).with_upgrades().await;
+            tokio::spawn(self.clone().tls_conn(stream, peer));
+        }
+    }
+
+    /// Serves one TLS connection: the handshake picks the certificate (see [`Tls::accept`]),
+    /// then HTTP/2 or HTTP/1.1 as ALPN chose.
+    pub async fn tls_conn(self: Arc<Self>, stream: tokio::net::TcpStream, peer: SocketAddr) {
+        let Some(tls) = self.tls.clone() else { return };
+        let _ = stream.set_nodelay(true);
+        let me = self;
+        let platform = me.platform.clone();
+        let wanted = move |name: &str| !matches!(platform.route(name, false), Route::Unknown(_));
+        let handshake = tokio::time::timeout(Duration::from_secs(40), tls.accept(stream, wanted)).await;
+        let (stream, h2) = match handshake {
+            Ok(Ok(Some(s))) => s,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => return,
+        };
+        let timeout = me.header_timeout;
+        if h2 {
+            // Streams open now, and when the last one ended: an HTTP/2 connection with
+            // none for H2_IDLE is closed (GOAWAY), as an idle HTTP/1.1 one is.
+            let idle = Arc::new(Idle { open: AtomicUsize::new(0), since: Mutex::new(Instant::now()) });
+            let idle2 = idle.clone();
+            let svc = hyper::service::service_fn(move |req| {
+                let me = me.clone();
+                let guard = Stream::open(idle2.clone());
+                async move {
+                    let resp = me.handle(req, peer, framing::Note::default(), true).await;
+                    Ok::<_, Infallible>(resp.map(|b| Counted { inner: b, _guard: guard }.boxed_unsync()))
                 }
             });
+            let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            b.timer(TokioTimer::new())
+                .max_header_list_size(MAX_HEAD as u32)
+                .keep_alive_interval(Some(Duration::from_secs(30)))
+                .keep_alive_timeout(Duration::from_secs(20));
+            let conn = b.serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            let mut check = tokio::time::interval(Duration::from_secs(1));
+            let mut closing: Option<Instant> = None;
+            loop {
+                tokio::select! {
+                    _ = conn.as_mut() => break,
+                    _ = check.tick() => match closing {
+                        None if idle.is_idle(timeout * H2_IDLE) => {
+                            closing = Some(Instant::now());
+                            conn.as_mut().graceful_shutdown();
+                        }
+                        // A client that never sent its preface (hyper only closes after
+                        // the handshake), or that ignores GOAWAY: dropped.
+                        Some(t) if t.elapsed() >= timeout.max(Duration::from_secs(2)) && idle.is_idle(Duration::ZERO) => break,
+                        _ => {}
+                    },
+                }
+            }
+        } else {
+            let flags = framing::Flags::default();
+            let io = TokioIo::new(framing::Watched::new(stream, flags.clone(), MAX_HEAD));
+            let svc = hyper::service::service_fn(move |req| {
+                let me = me.clone();
+                let note = flags.lock().unwrap_or_else(|e| e.into_inner()).pop_front().unwrap_or_default();
+                async move { Ok::<_, Infallible>(me.handle(req, peer, note, true).await) }
+            });
+            let mut b = hyper::server::conn::http1::Builder::new();
+            b.timer(TokioTimer::new()).header_read_timeout(timeout).max_buf_size(2 * MAX_HEAD);
+            let _ = b.serve_connection(io, svc).with_upgrades().await;
         }
     }
 
@@ -252,24 +258,27 @@ impl Proxy {
                 },
                 _ = &mut shutdown => return,
             };
-            let _ = stream.set_nodelay(true);
-            let me = self.clone();
-            let me_timeout = self.header_timeout;
-            tokio::spawn(async move {
-                let flags = framing::Flags::default();
-                let io = TokioIo::new(framing::Watched::new(stream, flags.clone(), MAX_HEAD));
-                let svc = hyper::service::service_fn(move |req| {
-                    let me = me.clone();
-                    let note = flags.lock().unwrap_or_else(|e| e.into_inner()).pop_front().unwrap_or_default();
-                    async move { Ok::<_, Infallible>(me.handle(req, peer, note, false).await) }
-                });
-                let mut b = hyper::server::conn::http1::Builder::new();
-                // hyper's buffer is larger than MAX_HEAD so that the scanner's limit, with a
-                // berth-error answer, is the one clients meet.
-                b.timer(TokioTimer::new()).header_read_timeout(me_timeout).max_buf_size(2 * MAX_HEAD);
-                let _ = b.serve_connection(io, svc).with_upgrades().await;
-            });
+            tokio::spawn(self.clone().http_conn(stream, peer));
         }
+    }
+
+    /// Serves one plain HTTP/1.1 connection.
+    pub async fn http_conn(self: Arc<Self>, stream: tokio::net::TcpStream, peer: SocketAddr) {
+        let _ = stream.set_nodelay(true);
+        let timeout = self.header_timeout;
+        let me = self;
+        let flags = framing::Flags::default();
+        let io = TokioIo::new(framing::Watched::new(stream, flags.clone(), MAX_HEAD));
+        let svc = hyper::service::service_fn(move |req| {
+            let me = me.clone();
+            let note = flags.lock().unwrap_or_else(|e| e.into_inner()).pop_front().unwrap_or_default();
+            async move { Ok::<_, Infallible>(me.handle(req, peer, note, false).await) }
+        });
+        let mut b = hyper::server::conn::http1::Builder::new();
+        // hyper's buffer is larger than MAX_HEAD so that the scanner's limit, with a berth-error
+        // answer, is the one clients meet.
+        b.timer(TokioTimer::new()).header_read_timeout(timeout).max_buf_size(2 * MAX_HEAD);
+        let _ = b.serve_connection(io, svc).with_upgrades().await;
     }
 
     /// `note`: what the connection's scanner saw in this request's head (hyper resolves a
@@ -631,71 +640,96 @@ impl Proxy {
 }
 
 /// The proxy's threads, after nginx's workers: each runs an event loop of its own (a
-/// current-thread runtime) that accepts from the shared listening sockets and serves its
-/// connections start to end, with its own pool of upstream connections. A request and its
-/// upstream exchange then never hop between threads, which on two cores cost about a third of
-/// the proxy's CPU per request under tokio's work-stealing scheduler.
+/// current-thread runtime) and serves its connections start to end, with its own pool of
+/// upstream connections, so a request and its upstream exchange never hop between threads
+/// (under tokio's work-stealing scheduler that hop cost about a third of the proxy's CPU per
+/// request on two cores). The accept loops run on the server's main runtime and hand each new
+/// connection to the thread serving the fewest: threads accepting for themselves from a shared
+/// socket let one of them take a whole burst of connections and leave the others idle.
 pub struct Workers {
     threads: Vec<std::thread::JoinHandle<()>>,
-    /// Each thread says here when its accept loops have ended.
-    stopped: tokio::sync::mpsc::UnboundedReceiver<()>,
+    acceptors: Vec<tokio::task::JoinHandle<()>>,
     /// Set when the server is done: the threads' open connections are dropped then.
     exit: tokio::sync::watch::Sender<bool>,
 }
 
+/// A new connection for a proxy thread, and whether it is TLS.
+type Handoff = (std::net::TcpStream, SocketAddr, bool);
+
+struct Worker {
+    tx: tokio::sync::mpsc::UnboundedSender<Handoff>,
+    /// Connections handed to it that have not ended.
+    open: Arc<AtomicUsize>,
+}
+
+/// Counts a connection as open on its thread until dropped.
+struct Open(Arc<AtomicUsize>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Workers {
-    /// Starts `n` threads serving `http` (and `https`, over TLS) with a proxy each from
-    /// `make`, until `stop` turns true.
+    /// Starts `n` threads with a proxy each from `make`, and accept loops (on the calling
+    /// runtime) for `http` and, over TLS, `https`, until `stop` turns true.
     pub fn start(
         n: usize,
         make: impl Fn() -> Proxy,
-        http: std::net::TcpListener,
-        https: Option<std::net::TcpListener>,
+        http: TcpListener,
+        https: Option<TcpListener>,
         stop: tokio::sync::watch::Receiver<bool>,
     ) -> std::io::Result<Workers> {
         let (exit, exit_rx) = tokio::sync::watch::channel(false);
-        let (done, stopped) = tokio::sync::mpsc::unbounded_channel();
         let mut threads = Vec::with_capacity(n);
+        let mut workers = Vec::with_capacity(n);
         for i in 0..n {
-            let http = http.try_clone()?;
-            let https = https.as_ref().map(|l| l.try_clone()).transpose()?;
             let proxy = Arc::new(make());
-            let (stop, mut exit_rx, done) = (stop.clone(), exit_rx.clone(), done.clone());
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Handoff>();
+            let open = Arc::new(AtomicUsize::new(0));
+            let counter = open.clone();
+            let mut exit_rx = exit_rx.clone();
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let t = std::thread::Builder::new().name(format!("berth-proxy-{i}")).spawn(move || {
                 rt.block_on(async move {
-                    let until = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-                        let _ = rx.wait_for(|s| *s).await;
-                    };
-                    let plain = async {
-                        match TcpListener::from_std(http) {
-                            Ok(l) => proxy.clone().serve(l, until(stop.clone())).await,
-                            Err(e) => tracing::error!(error = %e, "proxy thread: registering the HTTP listener"),
-                        }
-                    };
-                    let tls = async {
-                        match https.map(TcpListener::from_std) {
-                            Some(Ok(l)) => proxy.clone().serve_tls(l, until(stop.clone())).await,
-                            Some(Err(e)) => tracing::error!(error = %e, "proxy thread: registering the HTTPS listener"),
-                            None => {}
-                        }
-                    };
-                    tokio::join!(plain, tls);
-                    let _ = done.send(());
+                    while let Some((stream, peer, tls)) = rx.recv().await {
+                        let guard = Open(counter.clone());
+                        let stream = match tokio::net::TcpStream::from_std(stream) {
+                            Ok(s) => s,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "proxy thread: registering a connection");
+                                continue;
+                            }
+                        };
+                        let me = proxy.clone();
+                        tokio::spawn(async move {
+                            let _guard = guard;
+                            if tls {
+                                me.tls_conn(stream, peer).await
+                            } else {
+                                me.http_conn(stream, peer).await
+                            }
+                        });
+                    }
                     let _ = exit_rx.wait_for(|s| *s).await;
                 });
             })?;
             threads.push(t);
+            workers.push(Worker { tx, open });
         }
-        Ok(Workers { threads, stopped, exit })
+        let workers = Arc::new(workers);
+        let mut acceptors = vec![tokio::spawn(accept(http, false, workers.clone(), stop.clone()))];
+        if let Some(l) = https {
+            acceptors.push(tokio::spawn(accept(l, true, workers.clone(), stop)));
+        }
+        Ok(Workers { threads, acceptors, exit })
     }
 
-    /// Waits until every thread stopped accepting (after `stop` turned true).
+    /// Waits until the accept loops ended (after `stop` turned true).
     pub async fn stopped(&mut self) {
-        for _ in 0..self.threads.len() {
-            if self.stopped.recv().await.is_none() {
-                break;
-            }
+        for a in self.acceptors.drain(..) {
+            let _ = a.await;
         }
     }
 
@@ -704,6 +738,45 @@ impl Workers {
         let _ = self.exit.send(true);
         for t in self.threads {
             let _ = t.join();
+        }
+    }
+}
+
+/// Accepts on `listener` until `stop`, handing each connection to the thread with the fewest.
+async fn accept(
+    listener: TcpListener,
+    tls: bool,
+    workers: Arc<Vec<Worker>>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let what = if tls { "proxy TLS accept failed" } else { "proxy accept failed" };
+    let stopped = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    tokio::pin!(stopped);
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "{what}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut stopped => return,
+        };
+        let Some(w) = workers.iter().min_by_key(|w| w.open.load(Ordering::Relaxed)) else { return };
+        match stream.into_std() {
+            Ok(s) => {
+                w.open.fetch_add(1, Ordering::Relaxed);
+                if let Err(back) = w.tx.send((s, peer, tls)) {
+                    w.open.fetch_sub(1, Ordering::Relaxed);
+                    drop(back);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "proxy: handing a connection to a proxy thread"),
         }
     }
 }
