@@ -31,10 +31,11 @@
 #            median of the per-round (paired) ratios, and each side's CPU time per 1000 requests
 #            (berth: the server process; nginx: master and workers).
 # Seen here (2 cores shared with other work, so trust the paired ratios and CPU per request more
-# than the absolute numbers), with the proxy threads (--proxy-threads, one per CPU): keep-alive
-# 1.08x nginx's requests/s (paired 0.91x) at 0.94x its p99, CPU per request 1.14x; new
-# connection per request 1.26x; plain HTTP 1.19x (paired 0.97x). Before the proxy threads:
-# keep-alive 0.71x, plain 0.81x, CPU per request ~1.55x with or without TLS.
+# than the absolute numbers), with the proxy threads (--proxy-threads, one per CPU), two runs:
+# keep-alive 0.89-1.08x nginx's requests/s (paired 0.89-0.91x) at 0.94-0.99x its p99, CPU per
+# request 1.14-1.18x; new connection per request 1.26x; plain HTTP 0.91-1.19x (paired
+# 0.89-0.97x). Before the proxy threads: keep-alive 0.71x, plain 0.81x, CPU per request ~1.55x
+# with or without TLS.
 # Everything goes to loopback or into the namespace this script's Berth makes for its
 # container. Needs root, wrk, nginx, openssl, curl, unshare and a release berth with TLS
 # (cargo build --release -p berth; BERTH=path overrides). Env: ROUNDS (5), DURATION (10),
