@@ -149,29 +149,6 @@ impl Proxy {
         self
     }
 
-    /// Accepts TLS connections on `--https-addr` until `shutdown` resolves: the handshake
-    /// picks the certificate (see [`Tls::accept`]), then HTTP/2 or HTTP/1.1 as ALPN chose.
-    pub async fn serve_tls(self: Arc<Self>, listener: TcpListener, shutdown: impl std::future::Future<Output = ()>) {
-        if self.tls.is_none() {
-            return;
-        }
-        tokio::pin!(shutdown);
-        loop {
-            let (stream, peer) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "proxy TLS accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                _ = &mut shutdown => return,
-            };
-            tokio::spawn(self.clone().tls_conn(stream, peer));
-        }
-    }
-
     /// Serves one TLS connection: the handshake picks the certificate (see [`Tls::accept`]),
     /// then HTTP/2 or HTTP/1.1 as ALPN chose.
     pub async fn tls_conn(self: Arc<Self>, stream: tokio::net::TcpStream, peer: SocketAddr) {
@@ -242,24 +219,12 @@ impl Proxy {
         }
     }
 
-    /// Accepts connections until `shutdown` resolves.
+    /// Accepts plain HTTP connections until `shutdown` resolves, serving them on this runtime.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl std::future::Future<Output = ()>) {
-        tokio::pin!(shutdown);
-        loop {
-            let (stream, peer) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        tracing::warn!(error = %e, "proxy accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                _ = &mut shutdown => return,
-            };
+        accept_loop(&listener, "proxy accept failed", shutdown, |stream, peer| {
             tokio::spawn(self.clone().http_conn(stream, peer));
-        }
+        })
+        .await
     }
 
     /// Serves one plain HTTP/1.1 connection.
@@ -753,30 +718,40 @@ async fn accept(
     let stopped = async move {
         let _ = stop.wait_for(|s| *s).await;
     };
-    tokio::pin!(stopped);
-    loop {
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "{what}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = &mut stopped => return,
-        };
+    accept_loop(&listener, what, stopped, |stream, peer| {
         let Some(w) = workers.iter().min_by_key(|w| w.open.load(Ordering::Relaxed)) else { return };
         match stream.into_std() {
             Ok(s) => {
                 w.open.fetch_add(1, Ordering::Relaxed);
-                if let Err(back) = w.tx.send((s, peer, tls)) {
+                if w.tx.send((s, peer, tls)).is_err() {
                     w.open.fetch_sub(1, Ordering::Relaxed);
-                    drop(back);
                 }
             }
             Err(e) => tracing::warn!(error = %e, "proxy: handing a connection to a proxy thread"),
+        }
+    })
+    .await
+}
+
+/// Accepts until `shutdown` resolves, giving each connection to `take`; on an accept error
+/// (EMFILE and friends) it logs `what` and backs off instead of spinning.
+async fn accept_loop(
+    listener: &TcpListener,
+    what: &str,
+    shutdown: impl std::future::Future<Output = ()>,
+    mut take: impl FnMut(tokio::net::TcpStream, SocketAddr),
+) {
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok((stream, peer)) => take(stream, peer),
+                Err(e) => {
+                    tracing::warn!(error = %e, "{what}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = &mut shutdown => return,
         }
     }
 }
@@ -867,7 +842,8 @@ fn refusal(svc: &Service, r: Refusal) -> Response<Body> {
     resp
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// An error with its sources, `outer: inner: ...`.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

@@ -137,13 +137,7 @@ pub fn check_ca_root(path: &std::path::Path) -> Result<(), String> {
         retry: Duration::from_secs(60),
     };
     http_client(&cfg).map(|_| ()).map_err(|e| {
-        let mut s = e.to_string();
-        let mut cur = e.source();
-        while let Some(c) = cur {
-            s.push_str(": ");
-            s.push_str(&c.to_string());
-            cur = c.source();
-        }
+        let s = crate::server::proxy::error_chain(&*e);
         format!("--acme-ca-root {}: not a usable certificate ({s})", path.display())
     })
 }
@@ -152,16 +146,7 @@ pub fn check_ca_root(path: &std::path::Path) -> Result<(), String> {
 fn describe(e: &instant_acme::Error) -> String {
     match e {
         instant_acme::Error::Api(p) => problem(p),
-        instant_acme::Error::Other(e) => {
-            let mut s = e.to_string();
-            let mut cur = e.source();
-            while let Some(c) = cur {
-                s.push_str(": ");
-                s.push_str(&c.to_string());
-                cur = c.source();
-            }
-            s
-        }
+        instant_acme::Error::Other(e) => crate::server::proxy::error_chain(&**e),
         e => e.to_string(),
     }
 }
