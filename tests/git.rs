@@ -16,29 +16,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use berth_tests::server::{request, Server};
-use berth_tests::{stderr, stdout, Berth};
+use berth_tests::{git, stderr, stdout, Berth, PYTHON_APP};
 use serde_json::json;
 
 /// Fails with how to install `tool` if it is missing.
 fn need(tool: &str) {
     let ok = Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().is_ok_and(|o| o.status.success());
     assert!(ok, "{tool} is not installed: apt-get install git openssh-client (scripts/install-test-deps)");
-}
-
-/// `git` with a fixed identity and no user or system configuration.
-pub fn git(dir: &Path) -> Command {
-    let mut c = Command::new("git");
-    c.current_dir(dir)
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_AUTHOR_NAME", "Berth Test")
-        .env("GIT_AUTHOR_EMAIL", "test@berth.invalid")
-        .env("GIT_COMMITTER_NAME", "Berth Test")
-        .env("GIT_COMMITTER_EMAIL", "test@berth.invalid")
-        .env("GIT_TERMINAL_PROMPT", "0")
-        .env_remove("GIT_SSH_COMMAND")
-        .env_remove("GIT_DIR");
-    c
 }
 
 fn git_ok(dir: &Path, args: &[&str]) -> String {
@@ -575,15 +559,6 @@ fn cached_and_built(lines: &[String]) -> (Vec<String>, Vec<String>) {
     (cached, built)
 }
 
-const PY_APP: &str = r#"import http.server, os
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        b = ("python says " + os.environ.get("MODE", "?") + " " + open("/app/version.txt").read().strip()).encode()
-        self.send_response(200); self.send_header("Content-Length", str(len(b))); self.end_headers(); self.wfile.write(b)
-    def log_message(self, *a): pass
-http.server.ThreadingHTTPServer(("0.0.0.0", int(os.environ.get("PORT", "8000"))), H).serve_forever()
-"#;
-
 #[test]
 fn a_python_app_pushed_over_ssh_is_built_served_and_removed_with_its_repository() {
     let b = Berth::new();
@@ -594,7 +569,7 @@ fn a_python_app_pushed_over_ssh_is_built_served_and_removed_with_its_repository(
         format!("FROM {}\nWORKDIR /app\nCOPY app.py version.txt ./\nCMD [\"python3\", \"app.py\"]\n", image("python"));
     let repo = Repo::new(&[
         ("Dockerfile", &dockerfile),
-        ("app.py", PY_APP),
+        ("app.py", PYTHON_APP),
         ("version.txt", "v1\n"),
         ("berth.toml", "[service]\nport = 8000\nenv = { MODE = \"toml\" }\n"),
     ]);

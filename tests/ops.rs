@@ -6,20 +6,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use berth_tests::server::{request, Server};
+use berth_tests::server::{deploy, python, request, Server};
 use berth_tests::Berth;
 use serde_json::{json, Value};
-
-fn python() -> String {
-    berth_tests::world().image("anon", "python")
-}
-
-fn deploy(s: &Server, b: &Berth, name: &str, extra: &[&str]) -> String {
-    let image = python();
-    let mut args = vec!["deploy", name, "--image", image.as_str(), "--wait"];
-    args.extend_from_slice(extra);
-    s.cli_ok(b, &args)
-}
 
 fn ready(svc: &Value) -> usize {
     svc["instances"].as_array().unwrap().iter().filter(|i| i["state"] == "ready").count()

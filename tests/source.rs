@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use berth_tests::server::Server;
-use berth_tests::Berth;
+use berth_tests::{Berth, PYTHON_APP};
 
 fn image(name: &str) -> String {
     berth_tests::world().image("anon", name)
@@ -34,15 +34,6 @@ fn ok(out: &std::process::Output, s: &Server) -> String {
     text
 }
 
-const APP: &str = r#"import http.server, os
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        b = ("python says " + os.environ.get("MODE", "?") + " " + open("/app/version.txt").read().strip()).encode()
-        self.send_response(200); self.send_header("Content-Length", str(len(b))); self.end_headers(); self.wfile.write(b)
-    def log_message(self, *a): pass
-http.server.ThreadingHTTPServer(("0.0.0.0", int(os.environ.get("PORT", "8000"))), H).serve_forever()
-"#;
-
 #[test]
 fn a_python_app_a_compiled_multi_stage_build_and_a_static_site_are_served() {
     let b = Berth::new();
@@ -57,7 +48,7 @@ fn a_python_app_a_compiled_multi_stage_build_and_a_static_site_are_served() {
                 image("python")
             ),
         ),
-        ("app.py", APP),
+        ("app.py", PYTHON_APP),
         ("version.txt", "v1\n"),
         ("berth.toml", "[service]\nport = 8000\nenv = { MODE = \"toml\" }\n"),
     ]);

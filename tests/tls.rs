@@ -18,23 +18,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use berth_tests::pebble::Pebble;
-use berth_tests::server::{free_port, request, Server};
-use berth_tests::{stderr, stdout, Berth};
+use berth_tests::server::{deploy, free_port, python, request, Server};
+use berth_tests::{git, stderr, stdout, Berth, PYTHON_APP};
 use serde_json::Value;
 
 /// How long issuance may take (a deploy's names are ordered soon after it).
 const ISSUANCE: Duration = Duration::from_secs(60);
-
-fn python() -> String {
-    berth_tests::world().image("anon", "python")
-}
-
-fn deploy(s: &Server, b: &Berth, name: &str, extra: &[&str]) -> String {
-    let image = python();
-    let mut args = vec!["deploy", name, "--image", image.as_str(), "--wait"];
-    args.extend_from_slice(extra);
-    s.cli_ok(b, &args)
-}
 
 fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
@@ -838,35 +827,10 @@ fn an_uploaded_certificate_is_served_and_https_redirects_and_hsts_are_per_servic
     assert!(cert(&s, up).is_none_or(|c| c["source"] != "uploaded"), "{:#}", Value::Array(certs(&s)));
 }
 
-/// `git` with a fixed identity and no user or system configuration.
-fn git(dir: &Path) -> Command {
-    let mut c = Command::new("git");
-    c.current_dir(dir)
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_AUTHOR_NAME", "Berth Test")
-        .env("GIT_AUTHOR_EMAIL", "test@berth.invalid")
-        .env("GIT_COMMITTER_NAME", "Berth Test")
-        .env("GIT_COMMITTER_EMAIL", "test@berth.invalid")
-        .env("GIT_TERMINAL_PROMPT", "0")
-        .env_remove("GIT_SSH_COMMAND")
-        .env_remove("GIT_DIR");
-    c
-}
-
 fn git_ok(dir: &Path, args: &[&str]) {
     let out = git(dir).args(args).output().expect("running git");
     assert!(out.status.success(), "git {args:?}: {}", stderr(&out));
 }
-
-const PY_APP: &str = r#"import http.server, os
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        b = ("python says " + os.environ.get("MODE", "?") + " " + open("/app/version.txt").read().strip()).encode()
-        self.send_response(200); self.send_header("Content-Length", str(len(b))); self.end_headers(); self.wfile.write(b)
-    def log_message(self, *a): pass
-http.server.ThreadingHTTPServer(("0.0.0.0", int(os.environ.get("PORT", "8000"))), H).serve_forever()
-"#;
 
 fn text(o: &Output) -> String {
     format!("{}{}", stdout(o), stderr(o))
@@ -886,7 +850,7 @@ fn git_push_over_https_to_the_control_host_deploys() {
         format!("FROM {}\nWORKDIR /app\nCOPY app.py version.txt ./\nCMD [\"python3\", \"app.py\"]\n", python());
     for (name, body) in [
         ("Dockerfile", dockerfile.as_str()),
-        ("app.py", PY_APP),
+        ("app.py", PYTHON_APP),
         ("version.txt", "v1\n"),
         ("berth.toml", "[service]\nport = 8000\nenv = { MODE = \"tls\" }\n"),
     ] {

@@ -257,3 +257,30 @@ pub fn stdout(o: &Output) -> String {
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
+
+/// `git` with a fixed identity and no user or system configuration.
+pub fn git(dir: &Path) -> Command {
+    let mut c = Command::new("git");
+    c.current_dir(dir)
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_AUTHOR_NAME", "Berth Test")
+        .env("GIT_AUTHOR_EMAIL", "test@berth.invalid")
+        .env("GIT_COMMITTER_NAME", "Berth Test")
+        .env("GIT_COMMITTER_EMAIL", "test@berth.invalid")
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env_remove("GIT_SSH_COMMAND")
+        .env_remove("GIT_DIR");
+    c
+}
+
+/// A Python stdlib web app for the test repositories: answers every GET with
+/// `python says $MODE <contents of /app/version.txt>` on `$PORT` (8000).
+pub const PYTHON_APP: &str = r#"import http.server, os
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        b = ("python says " + os.environ.get("MODE", "?") + " " + open("/app/version.txt").read().strip()).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(b))); self.end_headers(); self.wfile.write(b)
+    def log_message(self, *a): pass
+http.server.ThreadingHTTPServer(("0.0.0.0", int(os.environ.get("PORT", "8000"))), H).serve_forever()
+"#;

@@ -385,3 +385,16 @@ impl Drop for Server {
             .status();
     }
 }
+
+/// The test world's Python image.
+pub fn python() -> String {
+    crate::world().image("anon", "python")
+}
+
+/// `berth deploy NAME --image <python> --wait EXTRA...`, which must succeed.
+pub fn deploy(s: &Server, b: &Berth, name: &str, extra: &[&str]) -> String {
+    let image = python();
+    let mut args = vec!["deploy", name, "--image", image.as_str(), "--wait"];
+    args.extend_from_slice(extra);
+    s.cli_ok(b, &args)
+}
